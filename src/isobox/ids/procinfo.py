@@ -1,0 +1,17 @@
+"""Process identity helpers: (pid, starttime) identifies a process across pid reuse."""
+from __future__ import annotations
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), None if no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # comm (field 2) may contain spaces and ')', so split after the last ')'.
+    rest = data[data.rfind(b")") + 2:].split()
+    try:
+        return int(rest[22 - 3])  # rest[0] is field 3
+    except (IndexError, ValueError):
+        return None

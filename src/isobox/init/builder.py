@@ -1,0 +1,69 @@
+"""The host-root builder (C): pid 2 of the container, in its own preparation mount
+namespace, builds the whole tree, pivots, then enters the container's user namespace and
+unshares a new mount namespace. Because that namespace is owned by the container's user
+namespace, the kernel locks every mount copied into it (MNT_LOCKED and the MNT_LOCK_* flags),
+which is what makes the initial mounts impossible to undo from inside."""
+from __future__ import annotations
+
+import os
+
+from isobox.linux import syscalls as k
+from isobox.mounts import dev, masks, pivot, resolve, rootfs, specmounts
+from isobox.spec.plan import Plan
+
+
+def build(plan: Plan, ns_fds: dict[str, int], cgroup_inside: tuple[list, list], log: list[str]) -> str:
+    """Runs in the forked builder; returns the rootfs method. Raises on any failure."""
+    k.prctl(k.PR_SET_DUMPABLE, 0)
+    k.unshare(k.CLONE_NEWNS)
+    k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE)
+    # superblocks of sysfs, mqueue and cgroupfs belong to the mounter's namespaces
+    for name, flag in (("net", k.CLONE_NEWNET), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE_NEWUTS),
+                       ("cgroup", k.CLONE_NEWCGROUP)):
+        if name in ns_fds:
+            k.setns(ns_fds[name], flag)
+    if plan.hostname:
+        k.sethostname(plan.hostname)
+    if plan.domainname:
+        k.setdomainname(plan.domainname)
+    method = rootfs.prepare_rootfs(plan.rootfs, ns_fds["user"], plan.uid_base, plan.gid_base)
+    rootfd = os.open(plan.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    has_devpts = False
+    for m in plan.mounts:
+        if m.type == "isobox-cgroup":
+            specmounts.cgroups(rootfd, m.destination, cgroup_inside[0], cgroup_inside[1], plan.uid_base,
+                               plan.gid_base)
+        elif m.options.is_bind:
+            specmounts.bind(rootfd, m, ns_fds["user"], log)
+        else:
+            specmounts.filesystem(rootfd, m, plan.uid_base, plan.gid_base)
+            has_devpts |= m.type == "devpts" and m.destination == "/dev/pts"
+    dev.populate(rootfd, plan.devices, has_devpts)
+    _sysctl(rootfd, plan.sysctl)
+    masks.mask(rootfd, plan.masked_paths)
+    masks.readonly(rootfd, plan.readonly_paths)
+    os.close(rootfd)
+    if plan.readonly_root:
+        specmounts.remount_readonly_root(plan.rootfs)
+    pivot.pivot(plan.rootfs)
+    k.setns(ns_fds["user"], k.CLONE_NEWUSER)
+    k.unshare(k.CLONE_NEWNS)
+    return method
+
+
+def _sysctl(rootfd: int, values: dict[str, str]) -> None:
+    from isobox.errors import IsoboxError
+    for key, val in values.items():
+        path = "/proc/sys/" + key.replace(".", "/")
+        try:
+            fd = resolve.open_in_root(rootfd, path)
+            try:
+                w = os.open(resolve.fd_path(fd), os.O_WRONLY | os.O_CLOEXEC)
+                try:
+                    os.write(w, val.encode())
+                finally:
+                    os.close(w)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise IsoboxError(f"sysctl {key}={val}: {e.strerror}") from None

@@ -1,0 +1,109 @@
+"""The container's init (H1): pid 1 of the container, child of the runtime's clone().
+
+It waits for the runtime at each step, enters the locked mount namespace, then blocks on the
+start FIFO; `start` releases it and it becomes the container's process with execve. Until
+then it is not dumpable, so nothing in the container can open the interpreter through
+/proc/1/exe (its memory map still belongs to the host's user namespace)."""
+from __future__ import annotations
+
+import os
+import resource
+import socket
+
+from isobox.errors import IsoboxError
+from isobox.init import channel
+from isobox.linux import syscalls as k
+from isobox.spec.plan import Plan, Process
+
+
+def run(plan: Plan, sock: socket.socket, fifo_fd: int, new_cgroupns: bool) -> None:
+    """Never returns: execs the container process or _exits."""
+    code = 1
+    try:
+        k.prctl(k.PR_SET_DUMPABLE, 0)
+        channel.recv(sock, "runtime")                    # maps written, cgroup joined
+        if new_cgroupns:
+            k.unshare(k.CLONE_NEWCGROUP)                  # root = the container's cgroup
+        channel.send(sock, "ok")
+        _, fds = channel.recv(sock, "runtime")           # the locked mount namespace
+        k.setns(fds[0], k.CLONE_NEWNS)
+        os.close(fds[0])
+        exe = _prepare(plan.process)
+        channel.send(sock, "ready")
+        sock.close()
+        if not os.read(fifo_fd, 1):
+            os._exit(1)
+        os.close(fifo_fd)
+        _become(plan.process)
+        os.execve(exe, plan.process.args, _env(plan.process.env))
+    except BaseException as e:  # noqa: BLE001 - every failure must reach the runtime as one line
+        try:
+            channel.send(sock, "err:" + channel.error_line(e))
+        except OSError:
+            os.write(2, f"isobox: {channel.error_line(e)}\n".encode())
+        code = 127 if isinstance(e, FileNotFoundError) else 1
+    finally:
+        os._exit(code)
+
+
+def _env(env: list[str]) -> dict[str, str]:
+    out = {}
+    for item in env:
+        key, _, val = item.partition("=")
+        out[key] = val
+    return out
+
+
+def _prepare(proc: Process) -> str:
+    """Checks made at create, so a bad spec fails there: cwd, executable, rlimits."""
+    try:
+        os.chdir(proc.cwd)
+    except OSError as e:
+        raise IsoboxError(f"cannot chdir to cwd {proc.cwd!r} set in config.json: {e.strerror}") from None
+    for r in proc.rlimits:
+        try:
+            resource.setrlimit(r.resource, (r.soft, r.hard))
+        except (OSError, ValueError) as e:
+            raise IsoboxError(f"cannot set rlimit {r.resource}: {e}") from None
+    return find_executable(proc.args[0], _env(proc.env).get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+                                                                    "/usr/bin:/sbin:/bin"))
+
+
+def find_executable(name: str, path: str) -> str:
+    if "/" in name:
+        if os.access(name, os.X_OK):
+            return name
+        raise IsoboxError(f'exec: "{name}": no such file or directory or not executable')
+    for d in path.split(":"):
+        cand = os.path.join(d or ".", name)
+        if os.path.isfile(cand) and os.access(cand, os.X_OK):
+            return cand
+    raise IsoboxError(f'exec: "{name}": executable file not found in $PATH')
+
+
+def _become(proc: Process) -> None:
+    """Credentials, then capabilities, as runc does: bounding set first (dropping needs
+    CAP_SETPCAP), keep the permitted set across setuid, then set the spec's sets."""
+    top = _last_cap()
+    for cap in range(top + 1):
+        if not proc.caps_bounding >> cap & 1:
+            k.prctl(k.PR_CAPBSET_DROP, cap)
+    k.prctl(k.PR_SET_KEEPCAPS, 1)
+    os.setgroups(proc.additional_gids)
+    os.setresgid(proc.gid, proc.gid, proc.gid)
+    os.setresuid(proc.uid, proc.uid, proc.uid)
+    k.prctl(k.PR_SET_KEEPCAPS, 0)
+    k.capset(proc.caps_effective, proc.caps_permitted, proc.caps_inheritable)
+    k.prctl(k.PR_CAP_AMBIENT, k.PR_CAP_AMBIENT_CLEAR_ALL)
+    for cap in range(top + 1):
+        if proc.caps_ambient >> cap & 1:
+            k.prctl(k.PR_CAP_AMBIENT, k.PR_CAP_AMBIENT_RAISE, cap)
+    if proc.umask is not None:
+        os.umask(proc.umask)
+    if proc.no_new_privileges:
+        k.prctl(k.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _last_cap() -> int:
+    from isobox.linux.capabilities import last_cap
+    return last_cap()

@@ -1,0 +1,196 @@
+"""The runtime side (P) of the namespace sequence in locked-mounts.md, in its order:
+
+1. clone() the container init H1 with a new user namespace owning new pid/net/ipc/uts
+   namespaces (H1 is pid 1); or, to share another isobox container's user namespace, fork a
+   helper H that joins it and clones H1 from there.
+2. write H1's ID maps, put H1 in the container's cgroup, let it unshare its cgroup namespace
+   (so the namespace's root is the container's cgroup).
+3. join H1's pid namespace and fork the host-root builder C (pid 2), which builds and locks
+   the tree (builder.py) and reports.
+4. hand C's new, locked mount namespace to H1, which enters it and reports ready.
+P itself never changes its mount namespace.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass, field
+
+from isobox.errors import IsoboxError
+from isobox.init import builder, channel, container
+from isobox.linux import syscalls as k
+from isobox.spec.plan import Plan
+
+_NS_ORDER = (("user", k.CLONE_NEWUSER), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE_NEWUTS), ("net", k.CLONE_NEWNET),
+             ("pid", k.CLONE_NEWPID), ("cgroup", k.CLONE_NEWCGROUP))
+_SPEC_TO_PROC = {"pid": "pid", "network": "net", "ipc": "ipc", "uts": "uts", "cgroup": "cgroup", "user": "user"}
+
+
+@dataclass
+class Launched:
+    pid: int
+    rootfs_method: str
+    log: list[str] = field(default_factory=list)
+
+
+def _open_ns(path: str) -> int:
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _join_fds(plan: Plan) -> list[tuple[int, int]]:
+    """(fd, flag) for each namespace to join, user namespace first."""
+    out = []
+    if plan.join_user:
+        out.append((_open_ns(plan.join_user), k.CLONE_NEWUSER))
+    flags = dict((n, f) for n, f in _NS_ORDER)
+    for t, path in plan.join_namespaces.items():
+        out.append((_open_ns(path), flags[_SPEC_TO_PROC[t]]))
+    return out
+
+
+def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p) -> int:
+    clone_flags = plan.new_namespaces & ~(k.CLONE_NEWCGROUP | k.CLONE_NEWNS)
+    new_cgroupns = bool(plan.new_namespaces & k.CLONE_NEWCGROUP)
+    joins = _join_fds(plan)
+    if not plan.join_user:
+        # namespaces of the host's user namespace (a CNI netns, say) are joined by P itself,
+        # which still holds the host capabilities setns needs
+        for fd, flag in joins:
+            k.setns(fd, flag)
+            os.close(fd)
+        pid = k.clone(clone_flags)
+        if pid == 0:
+            sock_p.close()
+            container.run(plan, sock_h, fifo_fd, new_cgroupns)
+        return pid
+    # Sharing another container's user namespace: a helper joins it (and the others),
+    # then clones H1, and reports H1's host pid.
+    r, w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        try:
+            os.close(r)
+            for fd, flag in joins:
+                k.setns(fd, flag)
+            pid = k.clone(clone_flags)
+            if pid == 0:
+                sock_p.close()
+                os.close(w)
+                container.run(plan, sock_h, fifo_fd, new_cgroupns)
+            os.write(w, str(pid).encode())
+        except BaseException as e:  # noqa: BLE001
+            os.write(w, ("err:" + channel.error_line(e)).encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    for fd, _ in joins:
+        os.close(fd)
+    data = os.read(r, 4096).decode()
+    os.close(r)
+    os.waitpid(helper, 0)
+    if not data or data.startswith("err:"):
+        raise IsoboxError(data[4:] or "could not join the namespaces of the shared container")
+    return int(data)
+
+
+def _write_maps(pid: int, plan: Plan) -> None:
+    for kind, base in (("uid", plan.uid_base), ("gid", plan.gid_base)):
+        with open(f"/proc/{pid}/{kind}_map", "w") as f:
+            f.write(f"0 {base} {plan.id_size}\n")
+
+
+def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
+    """Create the container up to the start barrier; returns H1's host pid.
+
+    `cleanup` receives callables that undo what exists so far (the caller runs them on failure).
+    """
+    sock_p, sock_h = channel.pair()
+    pid = _spawn_init(plan, sock_h, fifo_fd, sock_p)
+    sock_h.close()
+    cleanup.append(lambda: _kill_and_reap(pid))
+    if not plan.join_user:
+        _write_maps(pid, plan)
+    cgroup.add(pid)
+    if plan.process.oom_score_adj is not None:
+        with open(f"/proc/{pid}/oom_score_adj", "w") as f:
+            f.write(str(plan.process.oom_score_adj))
+    channel.send(sock_p, "go")
+    channel.recv(sock_p, "container init")
+
+    ns_fds = {name: _open_ns(f"/proc/{pid}/ns/{name}") for name, _ in _NS_ORDER}
+    own_pidns = _open_ns("/proc/self/ns/pid_for_children")
+    log: list[str] = []
+    try:
+        k.setns(ns_fds["pid"], k.CLONE_NEWPID)
+        method, m2 = _run_builder(plan, ns_fds, cgroup, log)
+    finally:
+        k.setns(own_pidns, k.CLONE_NEWPID)
+        os.close(own_pidns)
+        for fd in ns_fds.values():
+            os.close(fd)
+    try:
+        channel.send(sock_p, "mntns", [m2])
+    finally:
+        os.close(m2)
+    channel.recv(sock_p, "container init")
+    sock_p.close()
+    return Launched(pid, method, log)
+
+
+def _run_builder(plan: Plan, ns_fds: dict[str, int], cgroup, log: list[str]) -> tuple[str, int]:
+    inside = (cgroup.inside_mounts(), cgroup.inside_symlinks())
+    report_r, report_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    c = os.fork()
+    if c == 0:
+        try:
+            os.close(report_r)
+            os.close(hold_w)
+            method = builder.build(plan, ns_fds, inside, log)
+            _write_msg(report_w, "ok:" + method + "\n" + "\n".join(log))
+            os.read(hold_r, 1)            # keep the namespace alive until P has opened it
+        except BaseException as e:  # noqa: BLE001
+            _write_msg(report_w, "err:" + channel.error_line(e))
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    os.close(hold_r)
+    try:
+        data = _read_msg(report_r).decode(errors="replace")
+        if not data.startswith("ok:"):
+            raise IsoboxError(data[4:] if data.startswith("err:") else "the rootfs builder died")
+        method, *notes = data[3:].split("\n")
+        log.extend(n for n in notes if n)
+        m2 = _open_ns(f"/proc/{c}/ns/mnt")
+        return method, m2
+    finally:
+        os.close(hold_w)
+        os.close(report_r)
+        os.waitpid(c, 0)
+
+
+def _write_msg(fd: int, msg: str) -> None:
+    data = msg.encode()
+    os.write(fd, len(data).to_bytes(8, "little") + data)
+
+
+def _read_msg(fd: int) -> bytes:
+    """A length-prefixed report: the builder keeps its end open after writing it."""
+    buf = b""
+    while len(buf) < 8 or len(buf) < 8 + int.from_bytes(buf[:8], "little"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf[8:]
+
+
+def _kill_and_reap(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    try:
+        os.waitpid(pid, 0)
+    except ChildProcessError:
+        pass

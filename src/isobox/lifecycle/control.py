@@ -1,0 +1,119 @@
+"""start, kill and delete of an existing container."""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+
+from isobox.errors import IsoboxError
+from isobox.lifecycle.state import ContainerState, StateStore, alive, status
+from isobox.linux import syscalls as k
+
+
+def start(store: StateStore, cid: str) -> ContainerState:
+    st = store.load(cid)
+    s = status(store, st)
+    if s == "stopped":
+        raise IsoboxError("cannot start a container that has stopped")
+    if s != "created":
+        raise IsoboxError("cannot start an already running container")
+    fifo = store.fifo(cid)
+    try:
+        fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENOENT):
+            raise IsoboxError("container not running") from None
+        raise
+    try:
+        os.write(fd, b"0")
+    finally:
+        os.close(fd)
+    os.unlink(fifo)
+    return st
+
+
+_SIGNAMES = {name[3:]: getattr(signal, name) for name in dir(signal)
+             if name.startswith("SIG") and not name.startswith("SIG_") and isinstance(getattr(signal, name), int)}
+
+
+def parse_signal(text: str) -> int:
+    t = text.upper()
+    if t.isdigit():
+        n = int(t)
+        if 0 < n < signal.NSIG:
+            return n
+    else:
+        name = t[3:] if t.startswith("SIG") else t
+        if name in _SIGNAMES:
+            return _SIGNAMES[name]
+        if name.startswith("RTMIN") or name.startswith("RTMAX"):
+            base = signal.SIGRTMIN if name.startswith("RTMIN") else signal.SIGRTMAX
+            off = name[5:]
+            if not off:
+                return base
+            if off[0] in "+-" and off[1:].isdigit():
+                n = base + int(off)
+                if signal.SIGRTMIN <= n <= signal.SIGRTMAX:
+                    return n
+    raise IsoboxError(f"unknown signal {text!r} (use a name like TERM or KILL, or a number)")
+
+
+def _signal_init(st: ContainerState, sig: int) -> None:
+    # a pidfd pins the process we checked, so a recycled pid is never signalled
+    try:
+        pidfd = k.pidfd_open(st.pid)
+    except ProcessLookupError:
+        raise IsoboxError("container not running") from None
+    try:
+        if not alive(st):
+            raise IsoboxError("container not running")
+        k.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        raise IsoboxError("container not running") from None
+    finally:
+        os.close(pidfd)
+
+
+def _cgroup(st: ContainerState):
+    from isobox.cgroups.layout import detect
+    from isobox.cgroups.manager import ContainerCgroup
+    return ContainerCgroup(detect(), st.cgroup_path)
+
+
+def kill(store: StateStore, cid: str, sig: int, all_processes: bool = False) -> None:
+    st = store.load(cid)
+    if status(store, st) == "stopped":
+        raise IsoboxError("container not running")
+    if not all_processes:
+        _signal_init(st, sig)
+        return
+    for pid in _cgroup(st).pids():
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+def delete(store: StateStore, cid: str, force: bool = False) -> None:
+    from isobox.ids.allocator import Allocator, Holder
+    st = store.load(cid)
+    s = status(store, st)
+    if s not in ("stopped", "created") and not force:
+        raise IsoboxError(f"cannot delete container {cid} that is not stopped: {s}")
+    if alive(st):
+        try:
+            _signal_init(st, signal.SIGKILL)
+        except IsoboxError:
+            pass
+    cg = _cgroup(st)
+    cg.destroy()
+    _wait_gone(st)
+    Allocator().release(Holder(store.root, cid))
+    store.remove(cid)
+
+
+def _wait_gone(st: ContainerState, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(st) and time.monotonic() < deadline:
+        time.sleep(0.005)

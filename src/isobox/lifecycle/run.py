@@ -1,0 +1,54 @@
+"""run: create + start + wait in the foreground, forwarding signals, then delete."""
+from __future__ import annotations
+
+import os
+import signal
+
+from isobox.lifecycle import control
+from isobox.lifecycle.create import create
+from isobox.lifecycle.state import StateStore
+from isobox.linux import syscalls as k
+
+_FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+            signal.SIGWINCH)
+
+
+def run(store: StateStore, cid: str, bundle: str, pid_file: str | None, detach: bool, keep: bool, log=None) -> int:
+    # The init must become our child even when a helper cloned it, so we can wait for it.
+    k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
+    st = create(store, cid, bundle, pid_file, log)
+    try:
+        control.start(store, cid)
+    except BaseException:
+        control.delete(store, cid, force=True)
+        raise
+    if detach:
+        return 0
+    pid = st.pid
+    for sig in _FORWARD:
+        signal.signal(sig, lambda s, _f: _forward(pid, s))
+    code = _wait(pid)
+    if not keep:
+        control.delete(store, cid, force=True)
+    return code
+
+
+def _forward(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _wait(pid: int) -> int:
+    while True:
+        try:
+            wpid, status = os.waitpid(-1, 0)
+        except InterruptedError:
+            continue
+        except ChildProcessError:
+            return 255
+        if wpid == pid:
+            if os.WIFSIGNALED(status):
+                return 128 + os.WTERMSIG(status)
+            return os.WEXITSTATUS(status)

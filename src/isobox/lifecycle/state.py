@@ -1,0 +1,156 @@
+"""The per-container state directory: <root>/<id>/{state.json, config.json, start.fifo}.
+
+state.json is written atomically (temp file + rename) so a crash never leaves half a
+record; the container's status is derived from its init process and the start FIFO, the
+same way runc derives it, rather than stored.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from isobox.errors import IsoboxError
+
+DEFAULT_ROOT = "/run/isobox"
+OCI_VERSION = "1.2.0"
+
+
+@dataclass
+class ContainerState:
+    id: str
+    bundle: str
+    rootfs: str
+    pid: int = 0
+    starttime: int = 0
+    created: str = ""
+    owner: str = ""
+    annotations: dict = field(default_factory=dict)
+    uid_base: int = 0
+    gid_base: int = 0
+    id_size: int = 65536
+    cgroup_path: str = ""
+    rootfs_method: str = ""
+    shares_userns_of: str = ""
+
+
+def now_rfc3339() -> str:
+    t = time.time_ns()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t // 10**9)) + f".{t % 10**9:09d}Z"
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat: tells a live init from a recycled pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])
+
+
+class StateStore:
+    def __init__(self, root: str = DEFAULT_ROOT):
+        self.root = os.path.abspath(root)
+
+    def dir(self, cid: str) -> str:
+        return os.path.join(self.root, cid)
+
+    def fifo(self, cid: str) -> str:
+        return os.path.join(self.root, cid, "start.fifo")
+
+    def exists(self, cid: str) -> bool:
+        return os.path.exists(os.path.join(self.root, cid, "state.json"))
+
+    def reserve(self, cid: str) -> str:
+        """Create the state dir; mkdir is the lock that makes duplicate ids fail."""
+        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        d = self.dir(cid)
+        try:
+            os.mkdir(d, 0o711)
+        except FileExistsError:
+            raise IsoboxError(f"container with id {cid!r} already exists") from None
+        return d
+
+    def save(self, st: ContainerState) -> None:
+        d = self.dir(st.id)
+        tmp = os.path.join(d, ".state.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(asdict(st), f)
+        os.rename(tmp, os.path.join(d, "state.json"))
+
+    def load(self, cid: str) -> ContainerState:
+        try:
+            with open(os.path.join(self.root, cid, "state.json")) as f:
+                data = json.load(f)
+        except (FileNotFoundError, NotADirectoryError):
+            raise IsoboxError("container does not exist") from None
+        except (OSError, ValueError) as e:
+            raise IsoboxError(f"container {cid}: unreadable state ({e})") from None
+        return ContainerState(**data)
+
+    def ids(self) -> list[str]:
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if os.path.exists(os.path.join(self.root, n, "state.json")))
+
+    def save_config(self, cid: str, spec: dict) -> None:
+        with open(os.path.join(self.dir(cid), "config.json"), "w") as f:
+            json.dump(spec, f)
+
+    def load_config(self, cid: str) -> dict:
+        with open(os.path.join(self.dir(cid), "config.json")) as f:
+            return json.load(f)
+
+    def remove(self, cid: str) -> None:
+        d = self.dir(cid)
+        for name in ("start.fifo", "config.json", ".state.json.tmp", "state.json"):
+            try:
+                os.unlink(os.path.join(d, name))
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(d)
+        except FileNotFoundError:
+            pass
+
+
+def alive(st: ContainerState) -> bool:
+    return st.pid > 0 and proc_starttime(st.pid) == st.starttime
+
+
+def status(store: StateStore, st: ContainerState) -> str:
+    if not alive(st):
+        return "stopped"
+    if os.path.exists(store.fifo(st.id)):
+        return "created"
+    if _frozen(st):
+        return "paused"
+    return "running"
+
+
+def _frozen(st: ContainerState) -> bool:
+    # freezer support arrives with pause/resume; a container is never paused before that
+    return False
+
+
+def oci_state(store: StateStore, st: ContainerState) -> dict:
+    """The OCI state object, with the keys and order runc prints."""
+    s = status(store, st)
+    return {
+        "ociVersion": OCI_VERSION,
+        "id": st.id,
+        "pid": st.pid if s != "stopped" else 0,
+        "status": s,
+        "bundle": st.bundle,
+        "rootfs": st.rootfs,
+        "created": st.created,
+        "owner": st.owner,
+        **({"annotations": st.annotations} if st.annotations else {}),
+    }

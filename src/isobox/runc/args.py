@@ -1,0 +1,103 @@
+"""A small runc-compatible argument parser.
+
+Hand-written instead of argparse on purpose: engines call the runtime many times per
+container, argparse costs import time, and on a bad flag it prints a usage dump and exits 2,
+where isobox promises one line saying what is wrong. Flags accept runc's (urfave/cli) forms:
+-flag, --flag, --flag=value and --flag value.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from isobox.errors import IsoboxError
+
+# name -> takes a value?  (aliases map to the canonical name)
+GLOBAL = {"root": True, "log": True, "log-format": True, "debug": False, "systemd-cgroup": False,
+          "criu": True, "rootless": True, "help": False, "version": False}
+GLOBAL_ALIASES = {"h": "help", "v": "version"}
+
+COMMANDS: dict[str, tuple[dict[str, bool], dict[str, str], int]] = {
+    # command: (flags, aliases, number of positional args: -1 = any)
+    "create": ({"bundle": True, "pid-file": True, "console-socket": True, "no-pivot": False,
+                "no-new-keyring": False, "preserve-fds": True}, {"b": "bundle"}, 1),
+    "run": ({"bundle": True, "pid-file": True, "console-socket": True, "no-pivot": False, "no-new-keyring": False,
+             "preserve-fds": True, "detach": False, "keep": False, "no-subreaper": False},
+            {"b": "bundle", "d": "detach"}, 1),
+    "start": ({}, {}, 1),
+    "state": ({}, {}, 1),
+    "list": ({"format": True, "quiet": False}, {"f": "format", "q": "quiet"}, 0),
+    "kill": ({"all": False}, {"a": "all"}, -2),
+    "delete": ({"force": False}, {"f": "force"}, 1),
+    "spec": ({"bundle": True, "rootless": False}, {"b": "bundle"}, 0),
+    "features": ({}, {}, 0),
+}
+
+
+@dataclass
+class Parsed:
+    globals: dict[str, str | bool] = field(default_factory=dict)
+    command: str = ""
+    flags: dict[str, str | bool] = field(default_factory=dict)
+    args: list[str] = field(default_factory=list)
+
+
+def _take(argv: list[str], i: int, table: dict[str, bool], aliases: dict[str, str], where: str,
+          out: dict[str, str | bool]) -> int:
+    arg = argv[i]
+    name, eq, value = arg.lstrip("-").partition("=")
+    name = aliases.get(name, name)
+    if name not in table:
+        raise IsoboxError(f"unknown flag {arg.split('=')[0]} for {where}")
+    if table[name]:
+        if not eq:
+            if i + 1 >= len(argv):
+                raise IsoboxError(f"flag --{name} of {where} needs a value")
+            i += 1
+            value = argv[i]
+        out[name] = value
+    else:
+        if eq and value.lower() not in ("true", "false", "1", "0"):
+            raise IsoboxError(f"flag --{name} of {where} takes no value")
+        out[name] = not eq or value.lower() in ("true", "1")
+    return i + 1
+
+
+def parse(argv: list[str]) -> Parsed:
+    p = Parsed()
+    i = 0
+    while i < len(argv) and argv[i].startswith("-") and argv[i] != "-":
+        i = _take(argv, i, GLOBAL, GLOBAL_ALIASES, "isobox-runc", p.globals)
+    if i >= len(argv):
+        return p
+    p.command = argv[i]
+    if p.command not in COMMANDS:
+        raise IsoboxError(f"unknown command {p.command!r} (isobox-runc supports: {', '.join(COMMANDS)})")
+    flags, aliases, npos = COMMANDS[p.command]
+    i += 1
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            p.args += argv[i + 1:]
+            break
+        if a.startswith("-") and len(a) > 1 and not (p.command == "kill" and p.args and _is_signal(a)):
+            # runc's global flags may also follow the command
+            name = a.lstrip("-").partition("=")[0]
+            if name not in flags and name not in aliases and (name in GLOBAL or name in GLOBAL_ALIASES):
+                i = _take(argv, i, GLOBAL, GLOBAL_ALIASES, "isobox-runc", p.globals)
+            else:
+                i = _take(argv, i, flags, aliases, p.command, p.flags)
+        else:
+            p.args.append(a)
+            i += 1
+    if npos == -2:
+        if not 1 <= len(p.args) <= 2:
+            raise IsoboxError(f"{p.command} needs a container id and an optional signal")
+    elif npos >= 0 and len(p.args) != npos:
+        if npos == 1 and not p.args:
+            raise IsoboxError(f"{p.command} needs a container id")
+        raise IsoboxError(f"{p.command} takes {npos} argument(s), got {len(p.args)}")
+    return p
+
+
+def _is_signal(a: str) -> bool:
+    return a[1:].isdigit()

@@ -1,0 +1,142 @@
+"""`isobox-runc`: runc's command line over isobox's lifecycle. Parsing and output only."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from isobox import __version__
+from isobox.errors import IsoboxError
+from isobox.runc import args as argparse_runc
+from isobox.runc.log import Log
+
+SPEC_VERSION = "1.2.0"
+
+
+def _commit() -> str:
+    return os.environ.get("ISOBOX_COMMIT", "") or "release"
+
+
+def _version() -> str:
+    return f"isobox-runc version {__version__}\ncommit: {_commit()}\nspec: {SPEC_VERSION}\n"
+
+
+def _list(store, flags) -> None:
+    from isobox.lifecycle.state import oci_state
+    states = []
+    for cid in store.ids():
+        try:
+            states.append(oci_state(store, store.load(cid)))
+        except IsoboxError:
+            continue
+    fmt = flags.get("format", "table")
+    if flags.get("quiet"):
+        sys.stdout.write("".join(s["id"] + "\n" for s in states))
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(states) + "\n")
+    elif fmt == "table":
+        rows = [("ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER")]
+        rows += [(s["id"], str(s["pid"]), s["status"], s["bundle"], s["created"], s["owner"]) for s in states]
+        widths = [max(len(r[i]) for r in rows) for i in range(6)]
+        for r in rows:
+            sys.stdout.write("   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() + "\n")
+    else:
+        raise IsoboxError(f"invalid format option {fmt!r}: use table or json")
+
+
+def _spec(flags) -> None:
+    from isobox.runc.spec_template import template
+    if flags.get("rootless"):
+        raise IsoboxError("isobox always runs containers in their own user namespace; --rootless is not needed")
+    path = os.path.join(str(flags.get("bundle") or "."), "config.json")
+    if os.path.exists(path):
+        raise IsoboxError(f"file {path} exists; remove it first")
+    with open(path, "w") as f:
+        json.dump(template(), f, indent="\t")
+
+
+def dispatch(p, log: Log) -> int:
+    from isobox.lifecycle.state import DEFAULT_ROOT, StateStore
+    g = p.globals
+    if g.get("systemd-cgroup"):
+        raise IsoboxError("--systemd-cgroup is not supported: isobox uses the cgroupfs driver "
+                          "(set SystemdCgroup=false in containerd and cgroupDriver: cgroupfs in the kubelet)")
+    if str(g.get("rootless", "auto")).lower() == "true":
+        raise IsoboxError("--rootless=true is not supported: isobox runs as root and puts every container "
+                          "in its own user namespace")
+    store = StateStore(str(g.get("root") or DEFAULT_ROOT))
+    cmd, f, a = p.command, p.flags, p.args
+    if cmd in ("create", "run"):
+        if f.get("no-pivot"):
+            raise IsoboxError("--no-pivot is refused: without pivot_root the host's root stays reachable "
+                              "from the container")
+        if f.get("console-socket"):
+            raise IsoboxError("--console-socket (terminal containers) is not supported by this isobox-runc yet")
+        if f.get("preserve-fds") not in (None, "0"):
+            raise IsoboxError("--preserve-fds is not supported by this isobox-runc yet")
+        bundle = str(f.get("bundle") or os.getcwd())
+        pid_file = str(f["pid-file"]) if f.get("pid-file") else None
+        if cmd == "create":
+            from isobox.lifecycle.create import create
+            create(store, a[0], bundle, pid_file, log)
+            return 0
+        from isobox.lifecycle.run import run
+        return run(store, a[0], bundle, pid_file, bool(f.get("detach")), bool(f.get("keep")), log)
+    if cmd == "start":
+        from isobox.lifecycle.control import start
+        start(store, a[0])
+        return 0
+    if cmd == "state":
+        from isobox.lifecycle.state import oci_state
+        sys.stdout.write(json.dumps(oci_state(store, store.load(a[0])), indent="  ") + "\n")
+        return 0
+    if cmd == "list":
+        _list(store, f)
+        return 0
+    if cmd == "kill":
+        from isobox.lifecycle.control import kill, parse_signal
+        sig = parse_signal(a[1] if len(a) > 1 else "TERM")
+        kill(store, a[0], sig, bool(f.get("all")))
+        return 0
+    if cmd == "delete":
+        from isobox.lifecycle.control import delete
+        delete(store, a[0], bool(f.get("force")))
+        return 0
+    if cmd == "spec":
+        _spec(f)
+        return 0
+    if cmd == "features":
+        from isobox.runc.features import features
+        sys.stdout.write(json.dumps(features(), indent="    ") + "\n")
+        return 0
+    raise IsoboxError(f"unknown command {cmd!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    log = Log(None)
+    try:
+        p = argparse_runc.parse(argv)
+        g = p.globals
+        fmt = str(g.get("log-format") or "text")
+        if fmt not in ("text", "json"):
+            raise IsoboxError(f"invalid log-format {fmt!r}: use text or json")
+        log = Log(str(g["log"]) if g.get("log") else None, fmt, bool(g.get("debug")))
+        if g.get("version"):
+            sys.stdout.write(_version())
+            return 0
+        if g.get("help") or not p.command:
+            sys.stdout.write("usage: isobox-runc [global flags] create|start|run|state|list|kill|delete|spec|"
+                             "features [flags] [id]\n")
+            return 0 if g.get("help") else 1
+        return dispatch(p, log)
+    except IsoboxError as e:
+        log.error(str(e))
+        sys.stderr.write(f"isobox-runc: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
