@@ -1,0 +1,103 @@
+"""`isobox`: the user's command (setup, run, demo)."""
+from __future__ import annotations
+
+import os
+import sys
+
+from isobox.errors import IsoboxError
+
+USAGE = """usage: isobox COMMAND
+  setup                      create the ID pool (/etc/subuid, /etc/subgid) and isobox's directories
+  run [--privileged] [--memory SIZE] [--cpus N] [--rootfs DIR | IMAGE] [CMD...]
+                             run CMD (default: sh) in a new isolated container
+  demo                       run a privileged container and show what it believes next to what the host sees
+"""
+
+
+def _setup(argv: list[str]) -> int:
+    from isobox.ids.pool import ensure_pool
+    start, count = ensure_pool()
+    os.makedirs("/var/lib/isobox", mode=0o700, exist_ok=True)
+    os.makedirs("/etc/isobox", mode=0o755, exist_ok=True)
+    from isobox.cli.image import builtin_rootfs
+    root = builtin_rootfs()
+    print(f"isobox: ID pool {start}-{start + count - 1} ({count // 65536} containers of 65536 IDs) "
+          f"for user isobox; built-in image at {root}")
+    return 0
+
+
+def _parse_run(argv: list[str]) -> dict:
+    opts: dict = {"privileged": False, "memory": None, "cpus": None, "rootfs": None, "image": None, "args": []}
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--":
+            opts["args"] = argv[i + 1:]
+            break
+        if a == "--privileged":
+            opts["privileged"] = True
+        elif a.split("=")[0] in ("--memory", "-m", "--cpus", "--rootfs"):
+            key, eq, val = a.partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise IsoboxError(f"{key} needs a value")
+                i += 1
+                val = argv[i]
+            opts[{"-m": "memory"}.get(key, key.lstrip("-"))] = val
+        elif a.startswith("-"):
+            raise IsoboxError(f"unknown flag {a} for run (see `isobox --help`)")
+        else:
+            if opts["rootfs"] is None and opts["image"] is None and not os.path.isabs(a) and a == "busybox":
+                opts["image"] = a
+            else:
+                opts["args"] = argv[i:]
+                break
+        i += 1
+    return opts
+
+
+def _run(argv: list[str]) -> int:
+    import uuid
+    from isobox.cli import bundle, image
+    from isobox.lifecycle.run import run
+    from isobox.lifecycle.state import StateStore
+    o = _parse_run(argv)
+    if o["rootfs"]:
+        rootfs = os.path.abspath(o["rootfs"])
+        if not os.path.isdir(rootfs):
+            raise IsoboxError(f"--rootfs {o['rootfs']!r} is not a directory")
+    else:
+        rootfs = image.builtin_rootfs(o["image"] or "busybox")
+    cid = "run-" + uuid.uuid4().hex[:12]
+    spec = bundle.make_spec(o["args"] or ["sh"], rootfs, o["privileged"], o["memory"], o["cpus"])
+    path = bundle.write_bundle(cid, spec)
+    try:
+        return run(StateStore(), cid, path, None, detach=False, keep=False)
+    finally:
+        bundle.remove_bundle(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        sys.stdout.write(USAGE)
+        return 0 if argv else 1
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "setup":
+            return _setup(rest)
+        if cmd == "run":
+            return _run(rest)
+        if cmd == "demo":
+            from isobox.cli.demo import demo
+            return demo()
+        if cmd == "--version":
+            from isobox import __version__
+            print(f"isobox {__version__}")
+            return 0
+        raise IsoboxError(f"unknown command {cmd!r} (see `isobox --help`)")
+    except IsoboxError as e:
+        sys.stderr.write(f"isobox: {e}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
