@@ -101,3 +101,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - one line, no traceback
+        sys.stderr.write(f"isobox: internal error: {type(e).__name__}: {e}\n")
+        return 1

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import resource
-import socket
 
 from isobox.errors import IsoboxError
 from isobox.init import channel
@@ -16,7 +15,7 @@ from isobox.linux import syscalls as k
 from isobox.spec.plan import Plan, Process
 
 
-def run(plan: Plan, sock: socket.socket, fifo_fd: int, new_cgroupns: bool) -> None:
+def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool) -> None:
     """Never returns: execs the container process or _exits."""
     code = 1
     try:

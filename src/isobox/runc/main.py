@@ -136,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # noqa: BLE001 - never a traceback for the engine to parse
+        msg = f"internal error: {type(e).__name__}: {e} (rerun with --debug and report it)"
+        log.error(msg)
+        sys.stderr.write(f"isobox-runc: {msg}\n")
+        if log.debug_on:
+            import traceback
+            traceback.print_exc()
+        return 1
 
 
 if __name__ == "__main__":
