@@ -14,11 +14,18 @@ fi
 "$venv/bin/pip" install -q -e "$here[test]"
 # PYTHONDONTWRITEBYTECODE may be set for the caller; the runtime must never compile at start-up
 "$venv/bin/python3" -m compileall -q "$here/src" >/dev/null
+site=$("$venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for cmd in isobox isobox-runc; do
   mod=$([ "$cmd" = isobox ] && echo isobox.cli.main || echo isobox.runc.main)
-  # -I: engines call us with arbitrary environments; ignore PYTHON* variables and user site
-  printf '#!%s -I\nimport sys\nfrom %s import main\nsys.exit(main())\n' "$venv/bin/python3" "$mod" \
-    > "/usr/local/bin/$cmd.tmp"
+  # -I: engines call us with arbitrary environments, so ignore PYTHON* variables;
+  # -S: skip site (about 5 ms per call) and name the two import roots directly
+  cat > "/usr/local/bin/$cmd.tmp" <<EOS
+#!$venv/bin/python3 -IS
+import sys
+sys.path[:0] = ["$here/src", "$site"]
+from $mod import main
+sys.exit(main())
+EOS
   chmod 755 "/usr/local/bin/$cmd.tmp"
   mv "/usr/local/bin/$cmd.tmp" "/usr/local/bin/$cmd"
 done

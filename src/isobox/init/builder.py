@@ -6,20 +6,23 @@ which is what makes the initial mounts impossible to undo from inside."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from isobox.linux import syscalls as k
 from isobox.mounts import dev, masks, pivot, resolve, rootfs, specmounts
 from isobox.spec.plan import Plan
 
 
-def build(plan: Plan, ns_fds: dict[str, int], cgroup_inside: tuple[list, list], log: list[str]) -> str:
-    """Runs in the forked builder; returns the rootfs method. Raises on any failure."""
+def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgroup_inside: tuple[list, list],
+          log: list[str]) -> str:
+    """Runs in the forked builder; returns the rootfs method. Raises on any failure.
+
+    cgroupns() blocks until the init has its cgroup namespace and returns an fd of it."""
     k.prctl(k.PR_SET_DUMPABLE, 0)
     k.unshare(k.CLONE_NEWNS)
     k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE)
     # superblocks of sysfs, mqueue and cgroupfs belong to the mounter's namespaces
-    for name, flag in (("net", k.CLONE_NEWNET), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE_NEWUTS),
-                       ("cgroup", k.CLONE_NEWCGROUP)):
+    for name, flag in (("net", k.CLONE_NEWNET), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE_NEWUTS)):
         if name in ns_fds:
             k.setns(ns_fds[name], flag)
     if plan.hostname:
@@ -29,16 +32,19 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroup_inside: tuple[list, list], 
     method = rootfs.prepare_rootfs(plan.rootfs, ns_fds["user"], plan.uid_base, plan.gid_base)
     rootfd = os.open(plan.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     has_devpts = False
-    for m in plan.mounts:
-        if m.type == "isobox-cgroup":
-            specmounts.cgroups(rootfd, m.destination, cgroup_inside[0], cgroup_inside[1], plan.uid_base,
-                               plan.gid_base)
-        elif m.options.is_bind:
-            specmounts.bind(rootfd, m, ns_fds["user"], log)
-        else:
-            specmounts.filesystem(rootfd, m, plan.uid_base, plan.gid_base)
-            has_devpts |= m.type == "devpts" and m.destination == "/dev/pts"
-    dev.populate(rootfd, plan.devices, has_devpts)
+    # Missing mount targets are created in the idmapped rootfs, where host uid 0 has no
+    # mapping (EOVERFLOW): create them as the container root's host IDs (on disk: 0).
+    with rootfs.fs_ids(plan.uid_base, plan.gid_base):
+        for m in plan.mounts:
+            if m.type == "isobox-cgroup":
+                specmounts.cgroups(rootfd, m.destination, cgroup_inside[0], cgroup_inside[1], plan.uid_base,
+                                   plan.gid_base)
+            elif m.options.is_bind:
+                specmounts.bind(rootfd, m, ns_fds["user"], log)
+            else:
+                specmounts.filesystem(rootfd, m, plan.uid_base, plan.gid_base)
+                has_devpts |= m.type == "devpts" and m.destination == "/dev/pts"
+        dev.populate(rootfd, plan.devices, has_devpts)
     _sysctl(rootfd, plan.sysctl)
     masks.mask(rootfd, plan.masked_paths)
     masks.readonly(rootfd, plan.readonly_paths)

@@ -103,6 +103,9 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
     """Create the container up to the start barrier; returns H1's host pid.
 
     `cleanup` receives callables that undo what exists so far (the caller runs them on failure).
+    The builder starts as soon as the ID maps exist and works while P moves H1 into the
+    cgroups (v1 cgroup.procs writes cost about 1 ms per hierarchy); it waits for H1's cgroup
+    namespace only when it reaches the cgroup mounts.
     """
     sock_p, sock_h = channel.pair()
     pid = _spawn_init(plan, sock_h, fifo_fd, sock_p)
@@ -110,24 +113,29 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
     cleanup.append(lambda: _kill_and_reap(pid))
     if not plan.join_user:
         _write_maps(pid, plan)
+
+    ns_fds = {name: _open_ns(f"/proc/{pid}/ns/{name}") for name, _ in _NS_ORDER if name != "cgroup"}
+    own_pidns = _open_ns("/proc/self/ns/pid_for_children")
+    try:
+        k.setns(ns_fds["pid"], k.CLONE_NEWPID)
+        c, report_r, hold_w, cgroupns_w = _fork_builder(plan, ns_fds, pid, cgroup)
+    finally:
+        k.setns(own_pidns, k.CLONE_NEWPID)
+        os.close(own_pidns)
+        for fd in ns_fds.values():
+            os.close(fd)
+    cleanup.append(lambda: _kill_and_reap(c))
+
     cgroup.add(pid)
     if plan.process.oom_score_adj is not None:
         with open(f"/proc/{pid}/oom_score_adj", "w") as f:
             f.write(str(plan.process.oom_score_adj))
     channel.send(sock_p, "go")
     channel.recv(sock_p, "container init")
-
-    ns_fds = {name: _open_ns(f"/proc/{pid}/ns/{name}") for name, _ in _NS_ORDER}
-    own_pidns = _open_ns("/proc/self/ns/pid_for_children")
+    os.write(cgroupns_w, b"1")
+    os.close(cgroupns_w)
     log: list[str] = []
-    try:
-        k.setns(ns_fds["pid"], k.CLONE_NEWPID)
-        method, m2 = _run_builder(plan, ns_fds, cgroup, log)
-    finally:
-        k.setns(own_pidns, k.CLONE_NEWPID)
-        os.close(own_pidns)
-        for fd in ns_fds.values():
-            os.close(fd)
+    method, m2 = _finish_builder(c, report_r, hold_w, log)
     try:
         channel.send(sock_p, "mntns", [m2])
     finally:
@@ -137,24 +145,36 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
     return Launched(pid, method, log)
 
 
-def _run_builder(plan: Plan, ns_fds: dict[str, int], cgroup, log: list[str]) -> tuple[str, int]:
+def _fork_builder(plan: Plan, ns_fds: dict[str, int], init_pid: int, cgroup) -> tuple[int, int, int, int]:
     inside = (cgroup.inside_mounts(), cgroup.inside_symlinks())
     report_r, report_w = os.pipe()
     hold_r, hold_w = os.pipe()
+    cg_r, cg_w = os.pipe()
     c = os.fork()
     if c == 0:
         try:
-            os.close(report_r)
-            os.close(hold_w)
-            method = builder.build(plan, ns_fds, inside, log)
+            for fd in (report_r, hold_w, cg_w):
+                os.close(fd)
+
+            def cgroupns() -> int:
+                if not os.read(cg_r, 1):
+                    raise IsoboxError("the runtime stopped before the cgroup namespace was ready")
+                return _open_ns(f"/proc/{init_pid}/ns/cgroup")
+
+            log: list[str] = []
+            method = builder.build(plan, ns_fds, cgroupns, inside, log)
             _write_msg(report_w, "ok:" + method + "\n" + "\n".join(log))
             os.read(hold_r, 1)            # keep the namespace alive until P has opened it
         except BaseException as e:  # noqa: BLE001
             _write_msg(report_w, "err:" + channel.error_line(e))
         finally:
             os._exit(0)
-    os.close(report_w)
-    os.close(hold_r)
+    for fd in (report_w, hold_r, cg_r):
+        os.close(fd)
+    return c, report_r, hold_w, cg_w
+
+
+def _finish_builder(c: int, report_r: int, hold_w: int, log: list[str]) -> tuple[str, int]:
     try:
         data = _read_msg(report_r).decode(errors="replace")
         if not data.startswith("ok:"):
@@ -166,7 +186,10 @@ def _run_builder(plan: Plan, ns_fds: dict[str, int], cgroup, log: list[str]) -> 
     finally:
         os.close(hold_w)
         os.close(report_r)
-        os.waitpid(c, 0)
+        try:
+            os.waitpid(c, 0)
+        except ChildProcessError:
+            pass
 
 
 def _write_msg(fd: int, msg: str) -> None:

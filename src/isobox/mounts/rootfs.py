@@ -14,6 +14,7 @@ Both are made by host root in the preparation mount namespace, so trusted.overla
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from isobox.linux import syscalls as k
@@ -121,6 +122,22 @@ def mount_overlay(src: OverlaySource, target: str, userns_fd: int, uid: int, gid
     finally:
         for fd in held:
             os.close(fd)
+
+
+@contextmanager
+def fs_ids(uid: int, gid: int):
+    """Filesystem IDs of the container root's host IDs, with the fs capabilities that
+    setfsuid drops raised again; restored to 0 afterwards."""
+    eff, perm, inh = k.capget()
+    k.setfsgid(gid)
+    k.setfsuid(uid)
+    k.capset(perm, perm, inh)
+    try:
+        yield
+    finally:
+        k.setfsuid(0)
+        k.setfsgid(0)
+        k.capset(eff, perm, inh)
 
 
 def _overlay_as(uid: int, gid: int, lowers: list[str], upper_fd: int | None, top: str, src: OverlaySource) -> int:
