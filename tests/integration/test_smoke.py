@@ -18,3 +18,18 @@ def test_run_prints_container_view(runtime, busybox_rootfs):
 def test_exit_code_is_the_containers(runtime, busybox_rootfs):
     r = runtime.run(runtime.bundle(busybox_rootfs, ["sh", "-c", "exit 7"]))
     assert r.returncode == 7
+
+
+def test_container_process_gets_default_signal_dispositions(runtime, busybox_rootfs):
+    # the runtime is Python, which ignores SIGPIPE; that must not leak into the container
+    r = runtime.run(runtime.bundle(busybox_rootfs, ["grep", "-E", "SigIgn|SigBlk", "/proc/self/status"]))
+    assert r.returncode == 0, r.stderr
+    assert "SigIgn:\t0000000000000000" in r.stdout and "SigBlk:\t0000000000000000" in r.stdout
+
+
+def test_terminal_spec_refused_cleanly(runtime, busybox_rootfs):
+    def tty(spec):
+        spec["process"]["terminal"] = True
+    r = runtime.run(runtime.bundle(busybox_rootfs, ["true"], edit=tty))
+    assert r.returncode != 0 and "terminal" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert leftovers(runtime.ids[-1]) == [] and ids_held(runtime.root) == []

@@ -33,6 +33,7 @@ def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool) -> None:
         if not os.read(fifo_fd, 1):
             os._exit(1)
         os.close(fifo_fd)
+        _reset_signals()
         _become(plan.process)
         os.execve(exe, plan.process.args, _env(plan.process.env))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the runtime as one line
@@ -78,6 +79,20 @@ def find_executable(name: str, path: str) -> str:
         if os.path.isfile(cand) and os.access(cand, os.X_OK):
             return cand
     raise IsoboxError(f'exec: "{name}": executable file not found in $PATH')
+
+
+def _reset_signals() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ and handles SIGINT; ignored dispositions survive
+    execve, so the container's process would inherit them. Give it the kernel defaults."""
+    import signal
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(sig, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
 def _become(proc: Process) -> None:

@@ -146,6 +146,9 @@ def _mapping(linux: dict, owner: tuple | None) -> tuple[int, int, int, bool]:
 
 
 def _process(proc: dict) -> Process:
+    if proc.get("terminal"):
+        raise IsoboxError("process.terminal (a container with a tty) is not supported by this isobox-runc yet; "
+                          "set it to false")
     user = proc.get("user", {})
     caps = proc.get("capabilities", {})
     try:
