@@ -141,13 +141,8 @@ def fs_ids(uid: int, gid: int):
 
 
 def _overlay_as(uid: int, gid: int, lowers: list[str], upper_fd: int | None, top: str, src: OverlaySource) -> int:
-    eff, perm, inh = k.capget()
-    k.setfsgid(gid)
-    k.setfsuid(uid)
-    # setfsuid dropped the filesystem capabilities from the effective set; overlay's
-    # mount needs them back while it records the mounter's credentials
-    k.capset(perm, perm, inh)
-    try:
+    # overlay records the mounter's credentials at fsopen/create time (see the module doc)
+    with fs_ids(uid, gid):
         fs = k.fsopen("overlay")
         try:
             for p in lowers:
@@ -166,10 +161,6 @@ def _overlay_as(uid: int, gid: int, lowers: list[str], upper_fd: int | None, top
             return k.fsmount(fs, k.FSMOUNT_CLOEXEC)
         finally:
             os.close(fs)
-    finally:
-        k.setfsuid(0)
-        k.setfsgid(0)
-        k.capset(eff, perm, inh)
 
 
 def prepare_rootfs(rootfs: str, userns_fd: int, uid: int, gid: int) -> str:
