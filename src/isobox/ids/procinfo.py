@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 def proc_starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), None if no such process."""
+    """Field 22 of /proc/PID/stat (clock ticks since boot), None if no such process or if it
+    has exited (a zombie or dead task is no longer the container's init)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
@@ -11,6 +12,8 @@ def proc_starttime(pid: int) -> int | None:
         return None
     # comm (field 2) may contain spaces and ')', so split after the last ')'.
     rest = data[data.rfind(b")") + 2:].split()
+    if rest[:1] in ([b"Z"], [b"X"]):
+        return None
     try:
         return int(rest[22 - 3])  # rest[0] is field 3
     except (IndexError, ValueError):

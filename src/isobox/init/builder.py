@@ -37,6 +37,11 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
     with rootfs.fs_ids(plan.uid_base, plan.gid_base):
         for m in plan.mounts:
             if m.type == "isobox-cgroup":
+                fd = cgroupns()
+                try:
+                    k.setns(fd, k.CLONE_NEWCGROUP)   # cgroupfs roots at the mounter's cgroup namespace
+                finally:
+                    os.close(fd)
                 specmounts.cgroups(rootfd, m.destination, cgroup_inside[0], cgroup_inside[1], plan.uid_base,
                                    plan.gid_base)
             elif m.options.is_bind:

@@ -16,6 +16,11 @@ _FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal
 def run(store: StateStore, cid: str, bundle: str, pid_file: str | None, detach: bool, keep: bool, log=None) -> int:
     # The init must become our child even when a helper cloned it, so we can wait for it.
     k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
+    if not detach:
+        # Hold the signals we forward until the handlers are in place: one arriving between
+        # start and signal.signal() would kill the runtime and orphan a running container.
+        # (The container init clears its mask before exec.)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
     st = create(store, cid, bundle, pid_file, log)
     try:
         control.start(store, cid)
@@ -27,6 +32,7 @@ def run(store: StateStore, cid: str, bundle: str, pid_file: str | None, detach: 
     pid = st.pid
     for sig in _FORWARD:
         signal.signal(sig, lambda s, _f: _forward(pid, s))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
     code = _wait(pid)
     if not keep:
         control.delete(store, cid, force=True)

@@ -12,6 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from isobox.errors import IsoboxError
+from isobox.ids.procinfo import proc_starttime
 
 DEFAULT_ROOT = "/run/isobox"
 OCI_VERSION = "1.2.0"
@@ -38,19 +39,6 @@ class ContainerState:
 def now_rfc3339() -> str:
     t = time.time_ns()
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t // 10**9)) + f".{t % 10**9:09d}Z"
-
-
-def proc_starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat: tells a live init from a recycled pid."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 class StateStore:

@@ -12,14 +12,15 @@ import re
 from isobox.errors import IsoboxError
 
 _ID_RE = re.compile(r"^[\w+\-.]+$")
-MAX_ID_LEN = 1024
+# The id names the state directory and the cgroup directory: one path component (NAME_MAX).
+MAX_ID_LEN = 255
 
 
 def validate_id(cid: str) -> str:
     if not cid:
         raise IsoboxError("container id cannot be empty")
-    if len(cid) > MAX_ID_LEN:
-        raise IsoboxError(f"invalid container id: longer than {MAX_ID_LEN} characters")
+    if len(cid.encode()) > MAX_ID_LEN:
+        raise IsoboxError(f"invalid container id: longer than {MAX_ID_LEN} bytes")
     if cid in (".", "..") or not _ID_RE.match(cid):
         raise IsoboxError(f"invalid container id format: {cid!r} (use letters, digits, '_', '+', '-', '.')")
     return cid

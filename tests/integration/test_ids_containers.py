@@ -1,0 +1,173 @@
+"""Host ID ranges of real containers: exclusive under concurrency, shared when a user
+namespace is joined, reclaimed by gc after a crash, and explicit spec mappings honored.
+
+Containers are made with `create` (their init waits at the start barrier inside its user
+namespace), stdio to files so nothing waits on a pipe the init keeps open. The `runtime`
+fixture deletes every container even when a test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import RUNC, ids_held, leftovers
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+EXPLICIT_BASE = 3000000000  # outside the isobox pool (1048576 + 268435456)
+
+
+def _cmd(runtime, *args: str) -> list[str]:
+    return [*RUNC, "--root", runtime.root, *args]
+
+
+def _popen_create(runtime, bundle: str, cid: str) -> tuple[subprocess.Popen, str]:
+    err = os.path.join(runtime.tmp, f"{cid}.err")
+    with open(os.path.join(runtime.tmp, f"{cid}.out"), "w") as o, open(err, "w") as e:
+        p = subprocess.Popen(_cmd(runtime, "create", "--bundle", bundle, cid),
+                             stdin=subprocess.DEVNULL, stdout=o, stderr=e)
+    return p, err
+
+
+def _create(runtime, bundle: str) -> str:
+    cid = runtime.new_id()
+    p, err = _popen_create(runtime, bundle, cid)
+    assert p.wait(timeout=60) == 0, open(err).read()
+    return cid
+
+
+def _pid(runtime, cid: str) -> int:
+    st = json.loads(runtime("state", cid, check=True).stdout)
+    assert st["pid"] > 0, st
+    return st["pid"]
+
+
+def _uid_map(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/uid_map") as f:
+        lines = f.read().split("\n")
+    rows = [list(map(int, l.split())) for l in lines if l.strip()]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def _gid_map(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/gid_map") as f:
+        return [int(x) for x in f.read().split()]
+
+
+def _sleeper(runtime, rootfs: str, edit=None) -> str:
+    return runtime.bundle(rootfs, ["sleep", "1000"], edit=edit)
+
+
+def test_concurrent_creates_get_disjoint_ranges(runtime, busybox_rootfs):
+    cids = [runtime.new_id(), runtime.new_id()]
+    bundles = [_sleeper(runtime, busybox_rootfs) for _ in cids]
+    started = [_popen_create(runtime, b, c) for b, c in zip(bundles, cids)]  # both at once
+    for p, err in started:
+        assert p.wait(timeout=60) == 0, open(err).read()
+    maps = [_uid_map(_pid(runtime, c)) for c in cids]
+    for inside, base, size in maps:
+        assert inside == 0 and size == 65536 and base >= 1048576
+    (_, a, n), (_, b, m) = maps
+    assert a + n <= b or b + m <= a, f"overlapping ranges {maps}"
+    held = dict((h.container_id, base) for h, base in ids_held(runtime.root))
+    assert held == {cids[0]: a, cids[1]: b}
+
+    for c in cids:
+        runtime("delete", "--force", c, check=True)
+    assert ids_held(runtime.root) == []
+    for c in cids:
+        assert leftovers(c) == []
+
+
+def test_joining_network_namespace_shares_user_namespace_and_range(runtime, busybox_rootfs):
+    first = _create(runtime, _sleeper(runtime, busybox_rootfs))
+    pid1 = _pid(runtime, first)
+
+    def join_net(spec: dict) -> None:
+        for ns in spec["linux"]["namespaces"]:
+            if ns["type"] == "network":
+                ns["path"] = f"/proc/{pid1}/ns/net"
+        assert {"type": "user"} in spec["linux"]["namespaces"]  # no path given for user
+
+    second = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=join_net))
+    pid2 = _pid(runtime, second)
+    for ns in ("user", "net"):
+        assert os.stat(f"/proc/{pid1}/ns/{ns}").st_ino == os.stat(f"/proc/{pid2}/ns/{ns}").st_ino, ns
+    assert os.stat(f"/proc/{pid1}/ns/pid").st_ino != os.stat(f"/proc/{pid2}/ns/pid").st_ino
+    assert _uid_map(pid1) == _uid_map(pid2)
+    base = _uid_map(pid1)[1]
+    held = sorted((h.container_id, b) for h, b in ids_held(runtime.root))
+    assert held == sorted([(first, base), (second, base)])
+
+    runtime("delete", "--force", first, check=True)
+    assert [(h.container_id, b) for h, b in ids_held(runtime.root)] == [(second, base)]
+    assert _uid_map(pid2) == [0, base, 65536]  # the second lives on in the shared namespace
+
+    runtime("delete", "--force", second, check=True)
+    assert ids_held(runtime.root) == []
+    assert leftovers(first) == [] and leftovers(second) == []
+
+
+def test_gc_reclaims_range_of_crashed_container(runtime, busybox_rootfs):
+    from isobox.cgroups.layout import detect
+    from isobox.cgroups.manager import ContainerCgroup
+    from isobox.ids.allocator import Allocator
+
+    cid = _create(runtime, _sleeper(runtime, busybox_rootfs))
+    pid = _pid(runtime, cid)
+    base = _uid_map(pid)[1]
+    assert [(h.container_id, b) for h, b in ids_held(runtime.root)] == [(cid, base)]
+
+    # The simulated crash: init killed, state dir gone, nothing else told.
+    os.kill(pid, signal.SIGKILL)
+    # Wait until the host's pid 1 has reaped it: gc counts a zombie whose starttime
+    # still matches as a live init (isobox.ids.procinfo does not look at the state).
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{pid}"):
+        assert time.monotonic() < deadline, f"init {pid} was not reaped"
+        time.sleep(0.01)
+    shutil.rmtree(os.path.join(runtime.root, cid))
+    ContainerCgroup(detect(), f"/isobox/{cid}").destroy()
+    assert [(h.container_id, b) for h, b in ids_held(runtime.root)] == [(cid, base)]  # nobody released it
+
+    removed = Allocator().gc()
+    assert cid in [h.container_id for h in removed]
+    assert ids_held(runtime.root) == []
+    assert leftovers(cid) == []
+
+
+def test_explicit_spec_mapping_is_honored_and_released(runtime, busybox_rootfs):
+    def mapping(spec: dict) -> None:
+        m = [{"containerID": 0, "hostID": EXPLICIT_BASE, "size": 65536}]
+        spec["linux"]["uidMappings"] = m
+        spec["linux"]["gidMappings"] = [dict(x) for x in m]
+
+    b = runtime.bundle(busybox_rootfs, ["sh", "-c", "cat /proc/self/uid_map; id -u; touch /tmp/x && stat -c %u /tmp/x"],
+                       edit=mapping)
+    cid = runtime.new_id()
+    p, err = _popen_create(runtime, b, cid)
+    assert p.wait(timeout=60) == 0, open(err).read()
+    pid = _pid(runtime, cid)
+    assert _uid_map(pid) == [0, EXPLICIT_BASE, 65536]
+    assert _gid_map(pid) == [0, EXPLICIT_BASE, 65536]
+    assert [(h.container_id, b) for h, b in ids_held(runtime.root)] == [(cid, EXPLICIT_BASE)]
+
+    runtime("start", cid, check=True)
+    deadline = time.monotonic() + 20
+    while json.loads(runtime("state", cid, check=True).stdout)["status"] != "stopped":
+        assert time.monotonic() < deadline, "container did not finish"
+        time.sleep(0.05)
+    out = open(os.path.join(runtime.tmp, f"{cid}.out")).read().split("\n")
+    assert out[0].split() == ["0", str(EXPLICIT_BASE), "65536"], out
+    assert out[1] == "0", out
+
+    runtime("delete", cid, check=True)
+    assert ids_held(runtime.root) == []
+    assert leftovers(cid) == []
