@@ -201,3 +201,17 @@ def test_kill_all_reaches_sub_cgroup(runtime, busybox_rootfs):
     runtime("delete", "--force", cid, check=True)
     assert _all_dirs(cg) == []
     assert leftovers(cid) == []
+
+
+def test_concurrent_runs_share_and_then_remove_the_parent_cgroup(runtime, busybox_rootfs):
+    """Deletes remove the empty /isobox parent while other creates need it: creates retry."""
+    import subprocess
+    from conftest import RUNC
+    b = runtime.bundle(busybox_rootfs, ["true"])
+    script = ("for i in 1 2 3 4 5; do " + " ".join(RUNC) + f" --root {runtime.root} run --bundle {b} p$$-$i "
+              "|| exit 1; done")
+    procs = [subprocess.Popen(["sh", "-c", script]) for _ in range(4)]
+    codes = [p.wait(timeout=120) for p in procs]
+    assert codes == [0, 0, 0, 0]
+    leftover = [h for h in os.listdir("/sys/fs/cgroup") if os.path.isdir(f"/sys/fs/cgroup/{h}/isobox")]
+    assert leftover == [], "the shared /isobox parent should go with the last container"

@@ -285,6 +285,16 @@ class ContainerCgroup:
             raise
 
     def _make(self, h: Hierarchy, needed: set[str], created: list[str]) -> None:
+        # A concurrent delete may remove an empty shared parent (/isobox) between our
+        # mkdirs; start again from the top when that happens.
+        for _ in range(5):
+            try:
+                return self._make_once(h, needed, created)
+            except FileNotFoundError:
+                continue
+        raise CgroupError(f"cannot create cgroup {self.path}: its parent keeps disappearing")
+
+    def _make_once(self, h: Hierarchy, needed: set[str], created: list[str]) -> None:
         cpuset = h.version == 1 and "cpuset" in h.controllers
         cur = h.mountpoint
         parts = self.path.strip("/").split("/")
@@ -300,6 +310,8 @@ class ContainerCgroup:
                     new = True
                 except FileExistsError:
                     pass  # raced with another creator: fine
+                except FileNotFoundError:
+                    raise
                 except OSError as e:
                     raise CgroupError(f"cannot create cgroup {cur}: {e.strerror}") from None
             if cpuset and (new or i == len(parts) - 1):
@@ -426,6 +438,8 @@ class ContainerCgroup:
         if busy:
             raise CgroupError(f"cannot remove cgroup {busy[0]}"
                               + (f" (+{len(busy) - 1} more)" if len(busy) > 1 else ""))
+        for _h, d in dirs:
+            _remove_empty_parents(d, _h.mountpoint)
 
     # -- mounts inside the container --
     def inside_mounts(self) -> list[tuple[str, str, str, int, str]]:
@@ -531,6 +545,18 @@ def _thaw(top: str) -> None:
                 _write(st, "THAWED")
             except OSError:
                 pass
+
+
+def _remove_empty_parents(path: str, mountpoint: str) -> None:
+    """Remove parents like /isobox once their last container is gone; a parent still in
+    use refuses (EBUSY), which ends the walk. Creators retry if they lose this race."""
+    parent = os.path.dirname(path)
+    while len(parent) > len(mountpoint.rstrip("/")) and parent.startswith(mountpoint):
+        try:
+            os.rmdir(parent)
+        except OSError:
+            return
+        parent = os.path.dirname(parent)
 
 
 def _rmdir_retry(path: str, deadline: float) -> bool:
