@@ -7,6 +7,7 @@ import signal
 import time
 
 from isobox.errors import IsoboxError
+from isobox.spec.config import key
 from isobox.lifecycle.state import ContainerState, StateStore, alive, status
 from isobox.linux import syscalls as k
 
@@ -109,7 +110,7 @@ def delete(store: StateStore, cid: str, force: bool = False) -> None:
     cg = _cgroup(st)
     cg.destroy()
     _wait_gone(st)
-    Allocator().release(Holder(store.root, cid))
+    Allocator().release(Holder(store.root, key(cid)))
     store.remove(cid)
 
 

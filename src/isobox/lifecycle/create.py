@@ -9,7 +9,7 @@ import os
 from isobox.errors import IsoboxError
 from isobox.lifecycle import owners
 from isobox.lifecycle.state import ContainerState, StateStore, now_rfc3339, proc_starttime
-from isobox.spec.config import load_bundle, validate_id
+from isobox.spec.config import key, load_bundle, validate_id
 from isobox.spec.plan import Plan
 from isobox.spec.rewrite import rewrite
 
@@ -61,7 +61,7 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
         from isobox.ids.allocator import Holder
         from isobox.init.launch import launch
 
-        holder = Holder(store.root, cid)
+        holder = Holder(store.root, key(cid))
         alloc, base = _ids(plan, holder)
         cleanup.append(lambda: alloc.release(holder))
         if not plan.explicit_mapping:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 from isobox.errors import IsoboxError
 from isobox.ids.procinfo import proc_starttime
+from isobox.spec.config import key
 
 DEFAULT_ROOT = "/run/isobox"
 OCI_VERSION = "1.2.0"
@@ -46,13 +47,13 @@ class StateStore:
         self.root = os.path.abspath(root)
 
     def dir(self, cid: str) -> str:
-        return os.path.join(self.root, cid)
+        return os.path.join(self.root, key(cid))
 
     def fifo(self, cid: str) -> str:
-        return os.path.join(self.root, cid, "start.fifo")
+        return os.path.join(self.dir(cid), "start.fifo")
 
     def exists(self, cid: str) -> bool:
-        return os.path.exists(os.path.join(self.root, cid, "state.json"))
+        return os.path.exists(os.path.join(self.dir(cid), "state.json"))
 
     def reserve(self, cid: str) -> str:
         """Create the state dir; mkdir is the lock that makes duplicate ids fail."""
@@ -73,7 +74,7 @@ class StateStore:
 
     def load(self, cid: str) -> ContainerState:
         try:
-            with open(os.path.join(self.root, cid, "state.json")) as f:
+            with open(os.path.join(self.dir(cid), "state.json")) as f:
                 data = json.load(f)
         except (FileNotFoundError, NotADirectoryError):
             raise IsoboxError("container does not exist") from None
@@ -82,6 +83,7 @@ class StateStore:
         return ContainerState(**data)
 
     def ids(self) -> list[str]:
+        """Directory keys of the stored containers (the id itself unless it is very long)."""
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:

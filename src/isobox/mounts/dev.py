@@ -15,15 +15,20 @@ _LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd
           ("/proc/self/fd/2", "stderr"), ("/proc/kcore", "core"))
 
 
+def bind_node(host_path: str, target_fd: int) -> None:
+    """Bind a host file (a device node) onto the file target_fd points at."""
+    src = k.open_tree(k.AT_FDCWD, host_path, k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC)
+    try:
+        k.move_mount(src, "", target_fd, "", k.MOVE_MOUNT_F_EMPTY_PATH | k.MOVE_MOUNT_T_EMPTY_PATH)
+    finally:
+        os.close(src)
+
+
 def populate(rootfd: int, devices: list[Device], has_devpts: bool) -> None:
     for dev in devices:
         tfd = resolve.ensure_in_root(rootfd, dev.path, directory=False)
         try:
-            src = k.open_tree(k.AT_FDCWD, dev.host_path, k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC)
-            try:
-                k.move_mount(src, "", tfd, "", k.MOVE_MOUNT_F_EMPTY_PATH | k.MOVE_MOUNT_T_EMPTY_PATH)
-            finally:
-                os.close(src)
+            bind_node(dev.host_path, tfd)
         finally:
             os.close(tfd)
     dfd = resolve.ensure_in_root(rootfd, "/dev", True)

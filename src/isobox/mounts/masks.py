@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from isobox.linux import syscalls as k
-from isobox.mounts import resolve
+from isobox.mounts import dev, resolve
 
 
 def mask(rootfd: int, paths: list[str]) -> None:
@@ -18,11 +18,7 @@ def mask(rootfd: int, paths: list[str]) -> None:
                 k.mount("tmpfs", resolve.fd_path(fd), "tmpfs", k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
                         "size=0,mode=555")
             else:
-                null = k.open_tree(k.AT_FDCWD, "/dev/null", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC)
-                try:
-                    k.move_mount(null, "", fd, "", k.MOVE_MOUNT_F_EMPTY_PATH | k.MOVE_MOUNT_T_EMPTY_PATH)
-                finally:
-                    os.close(null)
+                dev.bind_node("/dev/null", fd)
         finally:
             os.close(fd)
 

@@ -12,18 +12,35 @@ import re
 from isobox.errors import IsoboxError
 
 _ID_RE = re.compile(r"^[\w+\-.]+$")
-# The id names the state directory and the cgroup directory: one path component (NAME_MAX).
-MAX_ID_LEN = 255
+# Longer ids than a path component allows (NAME_MAX) get a hashed directory name:
+# see lifecycle.state.key().
+MAX_ID_LEN = 1024
 
 
 def validate_id(cid: str) -> str:
     if not cid:
         raise IsoboxError("container id cannot be empty")
-    if len(cid.encode()) > MAX_ID_LEN:
-        raise IsoboxError(f"invalid container id: longer than {MAX_ID_LEN} bytes")
+    if len(cid) > MAX_ID_LEN:
+        raise IsoboxError(f"invalid container id: longer than {MAX_ID_LEN} characters")
     if cid in (".", "..") or not _ID_RE.match(cid):
         raise IsoboxError(f"invalid container id format: {cid!r} (use letters, digits, '_', '+', '-', '.')")
     return cid
+
+
+_KEY_MAX = 200
+
+
+def key(cid: str) -> str:
+    """The name of the container's state and cgroup directories.
+
+    Ids may be up to 1,024 characters, a directory name only 255 bytes: a long id keeps a
+    readable prefix plus a hash. '~' cannot appear in a valid id, so keys never collide
+    with ids."""
+    raw = cid.encode()
+    if len(raw) <= _KEY_MAX:
+        return cid
+    import hashlib
+    return raw[:64].decode(errors="ignore") + "~" + hashlib.sha256(raw).hexdigest()[:40]
 
 
 def _expect(cond: bool, field: str, what: str) -> None:

@@ -13,6 +13,7 @@ import resource
 from isobox.errors import IsoboxError
 from isobox.linux import capabilities, syscalls as k
 from isobox.spec import mountopts
+from isobox.spec.config import key
 from isobox.spec.plan import Device, Mount, Plan, Process, Rlimit
 
 RANGE_SIZE = 65536
@@ -270,7 +271,7 @@ def rewrite(cid: str, bundle: str, spec: dict, find_owner: OwnerLookup) -> Plan:
 
 
 def _cgroups_path(cid: str, linux: dict) -> str:
-    p = linux.get("cgroupsPath") or f"/isobox/{cid}"
+    p = linux.get("cgroupsPath") or f"/isobox/{key(cid)}"
     if ":" in p and not p.startswith("/"):
         raise IsoboxError(f"cgroupsPath {p!r} looks like a systemd slice; isobox uses the cgroupfs driver "
                           "(configure the engine with cgroupfs)")
