@@ -7,7 +7,6 @@ where isobox promises one line saying what is wrong. Flags accept runc's (urfave
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 from isobox.errors import IsoboxError
 
@@ -33,12 +32,15 @@ COMMANDS: dict[str, tuple[dict[str, bool], dict[str, str], int]] = {
 }
 
 
-@dataclass
 class Parsed:
-    globals: dict[str, str | bool] = field(default_factory=dict)
-    command: str = ""
-    flags: dict[str, str | bool] = field(default_factory=dict)
-    args: list[str] = field(default_factory=list)
+    """The parsed command line (a plain class: see lifecycle.state.ContainerState)."""
+    __slots__ = ("globals", "command", "flags", "args")
+
+    def __init__(self) -> None:
+        self.globals: dict[str, str | bool] = {}
+        self.command = ""
+        self.flags: dict[str, str | bool] = {}
+        self.args: list[str] = []
 
 
 def _take(argv: list[str], i: int, table: dict[str, bool], aliases: dict[str, str], where: str,
