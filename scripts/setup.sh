@@ -5,9 +5,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 venv=/opt/isobox/venv
 export DEBIAN_FRONTEND=noninteractive
-if ! dpkg -s busybox-static python3-venv runc crun uidmap hyperfine iproute2 >/dev/null 2>&1; then
+if ! dpkg -s busybox-static python3-venv runc crun uidmap hyperfine iproute2 gcc libc6-dev >/dev/null 2>&1; then
   apt-get update -qq
-  apt-get install -y -qq busybox-static python3-venv runc crun uidmap hyperfine iproute2 >/dev/null
+  apt-get install -y -qq busybox-static python3-venv runc crun uidmap hyperfine iproute2 gcc libc6-dev >/dev/null
 fi
 # Debian's interpreter by absolute path: a pyenv shim costs 50-90 ms per runtime call
 [ -x "$venv/bin/python3" ] || /usr/bin/python3 -m venv "$venv"

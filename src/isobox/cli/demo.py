@@ -29,6 +29,10 @@ read x
 '''
 
 
+_ERRNO = {"Invalid argument": "refused: EINVAL", "permission denied (are you root?)": "refused: EPERM",
+          "Operation not permitted": "refused: EPERM", "ok": "succeeded"}
+
+
 def _status(pid: int, key: str) -> str:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -53,7 +57,7 @@ def demo() -> int:
             if line == "ready":
                 break
             key, _, val = line.partition("=")
-            inside[key] = val
+            inside[key] = _ERRNO.get(val, val)
         st = subprocess.run([*runc, "state", cid], capture_output=True, text=True)
         import json
         state = json.loads(st.stdout) if st.returncode == 0 else {}
@@ -74,11 +78,11 @@ def demo() -> int:
             ("hostname", inside.get("hostname", "?"), f"{socket.gethostname()} (unchanged)"),
             ("image files", f"owned by {inside.get('rootowner')}", f"owned by 0:0 on disk, nothing chowned "
                                                                    f"({method})"),
-            ("umount /proc", inside.get("umount", "?"), "refused: the initial mounts are locked by the kernel"),
-            ("umount -l /sys", inside.get("umountl", "?"), "refused: locked"),
-            ("remount /dev suid", inside.get("remount", "?"), "refused: locked flags"),
-            ("mount --move /proc", inside.get("move", "?"), "refused: locked"),
-            ("mount a new tmpfs", inside.get("tmpfs", "?"), "allowed: its own mounts are its own"),
+            ("umount /proc", inside.get("umount", "?"), "the initial mounts are locked by the kernel (MNT_LOCKED)"),
+            ("umount -l /sys", inside.get("umountl", "?"), "locked"),
+            ("remount /dev suid", inside.get("remount", "?"), "its nosuid flag is locked too (MNT_LOCK_NOSUID)"),
+            ("mount --move /proc", inside.get("move", "?"), "locked"),
+            ("mount a new tmpfs", inside.get("tmpfs", "?"), "allowed: mounts it makes itself are its own"),
         ]
         w0 = max(len(r[0]) for r in rows)
         w1 = max(len(r[1]) for r in rows)
@@ -89,6 +93,6 @@ def demo() -> int:
         proc.stdin.write("done\n")
         proc.stdin.close()
         proc.wait(timeout=30)
-        return 0 if inside.get("umount") == "Invalid argument" else 1
+        return 0 if inside.get("umount") == "refused: EINVAL" else 1
     finally:
         bundle.remove_bundle(path)
