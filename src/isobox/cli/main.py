@@ -104,3 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one line, no traceback
         sys.stderr.write(f"isobox: internal error: {type(e).__name__}: {e}\n")
         return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -132,7 +132,10 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
             f.write(str(plan.process.oom_score_adj))
     channel.send(sock_p, "go")
     channel.recv(sock_p, "container init")
-    os.write(cgroupns_w, b"1")
+    try:
+        os.write(cgroupns_w, b"1")
+    except BrokenPipeError:
+        pass                    # the builder already failed; its report says why
     os.close(cgroupns_w)
     log: list[str] = []
     method, m2 = _finish_builder(c, report_r, hold_w, log)

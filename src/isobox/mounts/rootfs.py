@@ -13,10 +13,12 @@ Both are made by host root in the preparation mount namespace, so trusted.overla
 """
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from isobox.errors import IsoboxError
 from isobox.linux import syscalls as k
 
 
@@ -46,6 +48,17 @@ def find_mount(path: str, mountinfo: str | None = None) -> tuple[str, str] | Non
             parts = post.split()
             found = (parts[0], parts[2] if len(parts) > 2 else "")
     return found
+
+
+def _fstype_of(path: str) -> str:
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            pre, _, post = line.partition(" - ")
+            if pre.split()[2] == dev:
+                return post.split()[0]
+    return "unknown"
 
 
 def split_options(opts: str) -> list[str]:
@@ -171,7 +184,17 @@ def prepare_rootfs(rootfs: str, userns_fd: int, uid: int, gid: int) -> str:
         fd = mount_overlay(src, rootfs, userns_fd, uid, gid)
         method = f"overlay over {len(src.lowers)} idmapped layer(s)" + (" + idmapped upper" if src.upper else "")
     else:
-        fd = idmapped_clone(rootfs, userns_fd)
+        try:
+            fd = idmapped_clone(rootfs, userns_fd)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            fstype = _fstype_of(rootfs)
+            # The only fallback the design allows is chowning a runtime-owned copy, which
+            # costs O(files); refuse instead, and say what works.
+            raise IsoboxError(f"rootfs {rootfs} is on a {fstype} filesystem, which cannot be ID-mapped; isobox "
+                              "never chowns images: put the rootfs on ext4, xfs, btrfs or tmpfs, or hand it "
+                              "over as an overlay mount") from None
         method = "idmapped bind"
     try:
         k.move_mount(fd, "", k.AT_FDCWD, rootfs, k.MOVE_MOUNT_F_EMPTY_PATH)
