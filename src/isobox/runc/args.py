@@ -10,13 +10,21 @@ from __future__ import annotations
 
 from isobox.errors import IsoboxError
 
-# name -> takes a value?  (aliases map to the canonical name)
+# name -> False (a switch), True (one value) or MULTI (repeatable, collected in a list);
+# aliases map to the canonical name
+MULTI = "multi"
 GLOBAL = {"root": True, "log": True, "log-format": True, "debug": False, "systemd-cgroup": False,
           "criu": True, "rootless": True, "help": False, "version": False}
 GLOBAL_ALIASES = {"h": "help", "v": "version"}
 
-COMMANDS: dict[str, tuple[dict[str, bool], dict[str, str], int]] = {
-    # command: (flags, aliases, number of positional args: -1 = any)
+_UPDATE_FLAGS = {name: True for name in (
+    "resources", "blkio-weight", "cpu-period", "cpu-quota", "cpu-rt-period", "cpu-rt-runtime", "cpu-share",
+    "cpuset-cpus", "cpuset-mems", "kernel-memory", "kernel-memory-tcp", "memory", "memory-reservation",
+    "memory-swap", "pids-limit", "l3-cache-schema", "mem-bw-schema")}
+
+COMMANDS: dict[str, tuple[dict[str, object], dict[str, str], int]] = {
+    # command: (flags, aliases, positional args: n exactly, -2 = id and an optional signal,
+    #           -3 = id then anything, -4 = anything)
     "create": ({"bundle": True, "pid-file": True, "console-socket": True, "no-pivot": False,
                 "no-new-keyring": False, "preserve-fds": True}, {"b": "bundle"}, 1),
     "run": ({"bundle": True, "pid-file": True, "console-socket": True, "no-pivot": False, "no-new-keyring": False,
@@ -29,7 +37,21 @@ COMMANDS: dict[str, tuple[dict[str, bool], dict[str, str], int]] = {
     "delete": ({"force": False}, {"f": "force"}, 1),
     "spec": ({"bundle": True, "rootless": False}, {"b": "bundle"}, 0),
     "features": ({}, {}, 0),
+    "exec": ({"console-socket": True, "cwd": True, "env": MULTI, "tty": False, "user": True,
+              "additional-gids": MULTI, "process": True, "detach": False, "pid-file": True, "process-label": True,
+              "apparmor": True, "no-new-privs": False, "cap": MULTI, "preserve-fds": True, "cgroup": MULTI,
+              "ignore-paused": False}, {"e": "env", "t": "tty", "u": "user", "g": "additional-gids",
+                                        "p": "process", "d": "detach", "c": "cap"}, -3),
+    "ps": ({"format": True}, {"f": "format"}, -3),
+    "pause": ({}, {}, 1),
+    "resume": ({}, {}, 1),
+    "update": (_UPDATE_FLAGS, {"r": "resources"}, 1),
+    "events": ({"interval": True, "stats": False}, {}, 1),
+    "checkpoint": ({}, {}, -4),
+    "restore": ({}, {}, -4),
 }
+# flags end at the first positional argument: what follows is the command to run
+STOP_AT_FIRST_ARG = {"exec", "ps"}
 
 
 class Parsed:
@@ -43,7 +65,7 @@ class Parsed:
         self.args: list[str] = []
 
 
-def _take(argv: list[str], i: int, table: dict[str, bool], aliases: dict[str, str], where: str,
+def _take(argv: list[str], i: int, table: dict[str, object], aliases: dict[str, str], where: str,
           out: dict[str, str | bool]) -> int:
     arg = argv[i]
     name, eq, value = arg.lstrip("-").partition("=")
@@ -56,7 +78,10 @@ def _take(argv: list[str], i: int, table: dict[str, bool], aliases: dict[str, st
                 raise IsoboxError(f"flag --{name} of {where} needs a value")
             i += 1
             value = argv[i]
-        out[name] = value
+        if table[name] == MULTI:
+            out.setdefault(name, []).append(value)  # type: ignore[union-attr]
+        else:
+            out[name] = value
     else:
         if eq and value.lower() not in ("true", "false", "1", "0"):
             raise IsoboxError(f"flag --{name} of {where} takes no value")
@@ -91,6 +116,11 @@ def parse(argv: list[str]) -> Parsed:
         else:
             p.args.append(a)
             i += 1
+            if p.command in STOP_AT_FIRST_ARG:
+                p.args += argv[i:]
+                break
+    if npos == -3 and not p.args:
+        raise IsoboxError(f"{p.command} needs a container id")
     if npos == -2:
         if not 1 <= len(p.args) <= 2:
             raise IsoboxError(f"{p.command} needs a container id and an optional signal")

@@ -105,6 +105,15 @@ def dispatch(p, log: Log) -> int:
     if cmd == "spec":
         _spec(f)
         return 0
+    if cmd in ("checkpoint", "restore"):
+        raise IsoboxError(f"{cmd} is not supported: isobox has no CRIU integration "
+                          "(containers in their own user namespace cannot be checkpointed by it yet)")
+    if cmd == "exec":
+        from isobox.runc.exec_cmd import exec_command
+        return exec_command(store, p, log)
+    if cmd in ("ps", "pause", "resume", "update", "events"):
+        from isobox.runc import manage_cmd
+        return manage_cmd.dispatch(store, p, log)
     if cmd == "features":
         from isobox.runc.features import features
         sys.stdout.write(json.dumps(features(), indent="    ") + "\n")
