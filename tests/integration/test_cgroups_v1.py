@@ -117,7 +117,7 @@ def test_limits_are_in_the_v1_files(env):
     assert _read(f"{pids}/pids.max") == "64"
     for h in layout.hierarchies:
         assert os.path.isdir(h.mountpoint + top + "/c1"), h.mountpoint
-    assert cg.stats()["memory_limit"] == 256 * MiB and cg.stats()["pids_limit"] == 64
+    assert cg.summary()["memory_limit"] == 256 * MiB and cg.summary()["pids_limit"] == 64
 
 
 def test_add_moves_a_real_process(env):
@@ -130,7 +130,7 @@ def test_add_moves_a_real_process(env):
         key = "" if h.version == 2 else h.controllers[0]
         assert groups[key] == cg.path, key
     assert cg.pids() == [p.pid]
-    st = cg.stats()
+    st = cg.summary()
     # v1 does not move existing charges with the task, so usage may still be 0
     assert st["pids_current"] == 1 and isinstance(st["memory_usage"], int)
     cg.destroy()

@@ -15,7 +15,13 @@ def test_non_idmappable_bind_source_shows_as_nobody_and_is_not_chowned(runtime, 
     log = os.path.join(runtime.tmp, "log.json")
     b = runtime.bundle(busybox_rootfs, ["stat", "-c", "%u:%g", "/hostsys/hostname"], edit=bind)
     cid = runtime.new_id()
-    r = runtime("--log", log, "--log-format", "json", "run", "--bundle", b, cid)
+    # the default policy refuses anything below /proc; this test needs a procfs source
+    policy = os.path.join(runtime.tmp, "policy.toml")
+    with open(policy, "w") as f:
+        f.write('[mounts]\ndeny = ["/etc"]\n')
+    os.chmod(policy, 0o644)
+    r = runtime("--log", log, "--log-format", "json", "run", "--bundle", b, cid,
+                env={**os.environ, "ISOBOX_POLICY": policy})
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "65534:65534"
     after = os.stat("/proc/sys/kernel/hostname")

@@ -464,7 +464,7 @@ def test_log_flag_after_command(runtime, tmp_path):
     (["kill"], "container id"),
     (["kill", "a", "TERM", "x"], "container id"),
     (["create", "--bundle"], "--bundle"),
-    (["create", "--console-socket", "/tmp/s", "x1"], "console"),
+    (["create", "--console-socket", "/nonexistent/s", "--bundle", "/nonexistent", "x1"], "bundle"),
     (["list", "--quiet=maybe"], "quiet"),
 ])
 def test_refused_invocations_are_one_line(runtime, argv, word):

@@ -25,11 +25,3 @@ def test_container_process_gets_default_signal_dispositions(runtime, busybox_roo
     r = runtime.run(runtime.bundle(busybox_rootfs, ["grep", "-E", "SigIgn|SigBlk", "/proc/self/status"]))
     assert r.returncode == 0, r.stderr
     assert "SigIgn:\t0000000000000000" in r.stdout and "SigBlk:\t0000000000000000" in r.stdout
-
-
-def test_terminal_spec_refused_cleanly(runtime, busybox_rootfs):
-    def tty(spec):
-        spec["process"]["terminal"] = True
-    r = runtime.run(runtime.bundle(busybox_rootfs, ["true"], edit=tty))
-    assert r.returncode != 0 and "terminal" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert leftovers(runtime.ids[-1]) == [] and ids_held(runtime.root) == []

@@ -42,6 +42,7 @@ class FakeKernel:
     def __init__(self, root: str, offered=OFFERED, refuse=(), reject=None):
         self.root, self.refuse, self.reject = root, set(refuse), reject or {}
         self.killed: list[int] = []
+        self.bpf: list = []  # (cgroup dir, instructions) of device programs "attached"
         self.real_write = manager._write
         os.makedirs(root, exist_ok=True)
         for f in CORE_FILES:
@@ -103,6 +104,8 @@ def kernel(tmp_path, monkeypatch):
         monkeypatch.setattr(manager, "_write", k.write)
         monkeypatch.setattr(manager, "_rmdir", k.rmdir)
         monkeypatch.setattr(manager, "_kill", k.kill)
+        monkeypatch.setattr(manager, "_attach_device_filter",
+                            lambda d, insns: k.bpf.append((d, insns)))
         return k
     return make
 
@@ -200,8 +203,10 @@ def test_unlimited_values(kernel):
 
 
 @pytest.mark.parametrize("res,msg", [
-    ({"blockIO": {"weight": 500}}, "blockIO is not supported"),
-    ({"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}, "hugepageLimits"),
+    ({"blockIO": {"weight": 5}}, "blockIO.weight must be an integer from 10 to 1000"),
+    ({"blockIO": {"leafWeight": 500}}, "leafWeight is not supported on cgroup v2"),
+    ({"hugepageLimits": [{"pageSize": "2MB", "limit": 1}]}, "'hugetlb' is not available"),
+    ({"rdma": {"x": {"hcaHandles": 1}}}, "rdma is not supported"),
     ({"memory": {"kernel": 1}}, "memory.kernel is not supported"),
     ({"memory": {"disableOOMKiller": True}}, "disableOOMKiller is not supported on cgroup v2"),
     ({"memory": {"swap": 100}}, "without a memory limit"),
@@ -284,7 +289,7 @@ def test_stats(kernel):
     k = kernel()
     cg = ContainerCgroup(k.layout, "/c1")
     cg.create({"pids": {"limit": 9}})
-    st = cg.stats()
+    st = cg.summary()
     assert st == {"memory_usage": 4096, "memory_limit": None, "pids_current": 0,
                   "pids_limit": 9, "cpu_usage_ns": 7000}
 

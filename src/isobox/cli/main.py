@@ -19,6 +19,15 @@ def _setup(argv: list[str]) -> int:
     start, count = ensure_pool()
     os.makedirs("/var/lib/isobox", mode=0o700, exist_ok=True)
     os.makedirs("/etc/isobox", mode=0o755, exist_ok=True)
+    from isobox.policy.model import DEFAULT_PATH, default_toml, load
+    try:   # the default policy, only if the admin has none
+        fd = os.open(DEFAULT_PATH, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as f:
+            f.write(default_toml())
+    load(DEFAULT_PATH)   # an existing file that isobox-runc would refuse fails set-up in one line
     from isobox.cli.image import builtin_rootfs
     root = builtin_rootfs()
     print(f"isobox: ID pool {start}-{start + count - 1} ({count // 65536} containers of 65536 IDs) "

@@ -10,16 +10,23 @@ import os
 import resource
 
 from isobox.errors import IsoboxError
-from isobox.init import channel
+from isobox.init import channel, console
 from isobox.linux import syscalls as k
 from isobox.spec.plan import Plan, Process
 
 
-def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool) -> None:
+def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool, console_sock=None, preserve_fds: int = 0) -> None:
     """Never returns: execs the container process or _exits."""
     code = 1
     try:
         k.prctl(k.PR_SET_DUMPABLE, 0)
+        from isobox.seccomp import installer   # connects the listener socket while host paths resolve
+        sec = installer(plan.seccomp)          # None without a profile or the trap
+        hook_state = None
+        if plan.hooks.get("startContainer"):
+            # imported and prepared while the host's files and /proc are still in view
+            from isobox.lifecycle import hooks
+            hook_state = hooks.state(plan.id, "created", hooks.host_pid(), plan.bundle, plan.annotations)
         channel.recv(sock, "runtime")                    # maps written, cgroup joined
         if new_cgroupns:
             k.unshare(k.CLONE_NEWCGROUP)                  # root = the container's cgroup
@@ -27,15 +34,22 @@ def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool) -> None:
         _, fds = channel.recv(sock, "runtime")           # the locked mount namespace
         k.setns(fds[0], k.CLONE_NEWNS)
         os.close(fds[0])
-        exe = _prepare(plan.process)
+        exe = prepare(plan.process)
+        if console_sock is not None:
+            console.setup(console_sock)       # pty from the container's devpts, sent to the engine
         channel.send(sock, "ready")
         sock.close()
         if not os.read(fifo_fd, 1):
             os._exit(1)
+        if hook_state is not None:
+            # startContainer: in the container, before credentials, signals and exec; a failure
+            # goes back to `start` through the FIFO and the process never runs
+            hooks.run_start_container(plan.hooks, hook_state, fifo_fd)
         os.close(fifo_fd)
-        _reset_signals()
-        _become(plan.process)
-        os.execve(exe, plan.process.args, _env(plan.process.env))
+        reset_signals()
+        close_host_fds(preserve_fds, keep=set())
+        become(plan.process, sec)
+        os.execve(exe, plan.process.args, env_dict(plan.process.env))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the runtime as one line
         try:
             channel.send(sock, "err:" + channel.error_line(e))
@@ -46,7 +60,25 @@ def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool) -> None:
         os._exit(code)
 
 
-def _env(env: list[str]) -> dict[str, str]:
+def close_host_fds(preserve: int, keep: set[int]) -> None:
+    """Whatever the runtime inherited from its caller must not reach the container: every fd
+    above stdio and the preserved ones is marked close-on-exec."""
+    import fcntl
+    last = 2 + preserve
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd <= last or fd in keep:
+            if 2 < fd <= last:
+                os.set_inheritable(fd, True)
+            continue
+        try:
+            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
+            fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+        except OSError:
+            pass
+
+
+def env_dict(env: list[str]) -> dict[str, str]:
     out = {}
     for item in env:
         key, _, val = item.partition("=")
@@ -54,7 +86,7 @@ def _env(env: list[str]) -> dict[str, str]:
     return out
 
 
-def _prepare(proc: Process) -> str:
+def prepare(proc: Process) -> str:
     """Checks made at create, so a bad spec fails there: cwd, executable, rlimits."""
     try:
         os.chdir(proc.cwd)
@@ -65,7 +97,7 @@ def _prepare(proc: Process) -> str:
             resource.setrlimit(r.resource, (r.soft, r.hard))
         except (OSError, ValueError) as e:
             raise IsoboxError(f"cannot set rlimit {r.resource}: {e}") from None
-    return find_executable(proc.args[0], _env(proc.env).get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
+    return find_executable(proc.args[0], env_dict(proc.env).get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:"
                                                                     "/usr/bin:/sbin:/bin"))
 
 
@@ -81,7 +113,7 @@ def find_executable(name: str, path: str) -> str:
     raise IsoboxError(f'exec: "{name}": executable file not found in $PATH')
 
 
-def _reset_signals() -> None:
+def reset_signals() -> None:
     """Python ignores SIGPIPE and SIGXFSZ and handles SIGINT; ignored dispositions survive
     execve, so the container's process would inherit them. Give it the kernel defaults."""
     import signal
@@ -95,9 +127,11 @@ def _reset_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
-def _become(proc: Process) -> None:
+def become(proc: Process, seccomp=None) -> None:
     """Credentials, then capabilities, as runc does: bounding set first (dropping needs
     CAP_SETPCAP), keep the permitted set across setuid, then set the spec's sets."""
+    if seccomp is not None and hasattr(seccomp, "early"):
+        seccomp.early(proc)   # loads now only if the process could not later (no NNP, no CAP_SYS_ADMIN)
     top = _last_cap()
     for cap in range(top + 1):
         if not proc.caps_bounding >> cap & 1:
@@ -116,6 +150,8 @@ def _become(proc: Process) -> None:
         os.umask(proc.umask)
     if proc.no_new_privileges:
         k.prctl(k.PR_SET_NO_NEW_PRIVS, 1)
+    if seccomp is not None:
+        seccomp()      # installs the filter: last, just before execve
 
 
 def _last_cap() -> int:

@@ -48,7 +48,7 @@ def _join_fds(plan: Plan) -> list[tuple[int, int]]:
     return out
 
 
-def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p) -> int:
+def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p, console_sock, preserve_fds: int) -> int:
     clone_flags = plan.new_namespaces & ~(k.CLONE_NEWCGROUP | k.CLONE_NEWNS)
     new_cgroupns = bool(plan.new_namespaces & k.CLONE_NEWCGROUP)
     joins = _join_fds(plan)
@@ -61,7 +61,7 @@ def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p) -> int:
         pid = k.clone(clone_flags)
         if pid == 0:
             sock_p.close()
-            container.run(plan, sock_h, fifo_fd, new_cgroupns)
+            container.run(plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds)
         return pid
     # Sharing another container's user namespace: a helper joins it (and the others),
     # then clones H1, and reports H1's host pid.
@@ -76,7 +76,7 @@ def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p) -> int:
             if pid == 0:
                 sock_p.close()
                 os.close(w)
-                container.run(plan, sock_h, fifo_fd, new_cgroupns)
+                container.run(plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds)
             os.write(w, str(pid).encode())
         except BaseException as e:  # noqa: BLE001
             os.write(w, ("err:" + channel.error_line(e)).encode())
@@ -99,7 +99,7 @@ def _write_maps(pid: int, plan: Plan) -> None:
             f.write(f"0 {base} {plan.id_size}\n")
 
 
-def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
+def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list, console_sock=None, preserve_fds: int = 0) -> Launched:
     """Create the container up to the start barrier; returns H1's host pid.
 
     `cleanup` receives callables that undo what exists so far (the caller runs them on failure).
@@ -108,7 +108,7 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list) -> Launched:
     namespace only when it reaches the cgroup mounts.
     """
     sock_p, sock_h = channel.pair()
-    pid = _spawn_init(plan, sock_h, fifo_fd, sock_p)
+    pid = _spawn_init(plan, sock_h, fifo_fd, sock_p, console_sock, preserve_fds)
     sock_h.close()
     cleanup.append(lambda: _kill_and_reap(pid))
     if not plan.join_user:

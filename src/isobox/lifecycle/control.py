@@ -12,7 +12,19 @@ from isobox.lifecycle.state import ContainerState, StateStore, alive, status
 from isobox.linux import syscalls as k
 
 
-def start(store: StateStore, cid: str) -> ContainerState:
+def _spec_hooks(store: StateStore, cid: str) -> dict:
+    """The hooks of the config.json that create saved (no import unless there are some)."""
+    try:
+        spec = store.load_config(cid)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(spec, dict) or not spec.get("hooks"):
+        return {}
+    from isobox.lifecycle import hooks
+    return hooks.from_config(spec)
+
+
+def start(store: StateStore, cid: str, log=None) -> ContainerState:
     st = store.load(cid)
     s = status(store, st)
     if s == "stopped":
@@ -20,6 +32,13 @@ def start(store: StateStore, cid: str) -> ContainerState:
     if s != "created":
         raise IsoboxError("cannot start an already running container")
     fifo = store.fifo(cid)
+    spec_hooks = _spec_hooks(store, cid)
+    if spec_hooks.get("startContainer") or spec_hooks.get("poststart"):
+        from isobox.lifecycle import hooks
+        st = _start_with_hooks(store, st, fifo, spec_hooks, hooks)
+        # poststart: after the process started; a failure is only a warning
+        hooks.run_warn("poststart", spec_hooks, hooks.state(cid, "running", st.pid, st.bundle, st.annotations), log)
+        return st
     try:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -31,6 +50,35 @@ def start(store: StateStore, cid: str) -> ContainerState:
     finally:
         os.close(fd)
     os.unlink(fifo)
+    return st
+
+
+def _start_with_hooks(store: StateStore, st: ContainerState, fifo: str, spec_hooks: dict, hooks) -> ContainerState:
+    """start when the init runs startContainer hooks: release it, then wait until it exec'd the
+    process or exited; a hook failure it wrote back to the FIFO becomes start's error."""
+    watch = None
+    try:
+        if spec_hooks.get("startContainer"):
+            try:
+                watch = hooks.StartWatch(st.pid, fifo, spec_hooks)
+            except (ProcessLookupError, FileNotFoundError):
+                raise IsoboxError("container not running") from None
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ENXIO, errno.ENOENT):
+                raise IsoboxError("container not running") from None
+            raise
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        os.unlink(fifo)
+        if watch is not None:
+            watch.wait()
+    finally:
+        if watch is not None:
+            watch.close()
     return st
 
 
@@ -96,12 +144,23 @@ def kill(store: StateStore, cid: str, sig: int, all_processes: bool = False) -> 
             pass
 
 
-def delete(store: StateStore, cid: str, force: bool = False) -> None:
-    from isobox.ids.allocator import Allocator, Holder
+def delete(store: StateStore, cid: str, force: bool = False, log=None) -> None:
     st = store.load(cid)
     s = status(store, st)
     if s not in ("stopped", "created") and not force:
         raise IsoboxError(f"cannot delete container {cid} that is not stopped: {s}")
+    spec_hooks = _spec_hooks(store, cid)
+    if spec_hooks.get("poststop"):
+        _delete(store, cid, st)
+        # poststop: after the container is gone; a failure is only a warning
+        from isobox.lifecycle import hooks
+        hooks.run_warn("poststop", spec_hooks, hooks.state(cid, "stopped", st.pid, st.bundle, st.annotations), log)
+        return
+    _delete(store, cid, st)
+
+
+def _delete(store: StateStore, cid: str, st: ContainerState) -> None:
+    from isobox.ids.allocator import Allocator, Holder
     if alive(st):
         try:
             _signal_init(st, signal.SIGKILL)

@@ -46,13 +46,27 @@ def _ids(plan: Plan, holder) -> tuple[object, int]:
     return alloc, base
 
 
+def _freezer_file(cg) -> str:
+    try:
+        return cg.freezer_file()
+    except Exception:  # noqa: BLE001 - no freezer: the container simply cannot be paused
+        return ""
+
+
 def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None,
-           log=None) -> ContainerState:
+           log=None, console_socket: str | None = None, console_sock=None,
+           preserve_fds: int = 0) -> ContainerState:
+    """console_socket: the engine's socket path; console_sock: an already connected socket
+    (foreground `run` relays the terminal itself)."""
     validate_id(cid)
     spec = load_bundle(bundle)
     if store.exists(cid):
         raise IsoboxError(f"container with id {cid!r} already exists")
     plan = rewrite(cid, bundle, spec, owners.lookup(store))
+    if plan.process.terminal and not (console_socket or console_sock):
+        raise IsoboxError("cannot allocate tty if runc will detach without setting console socket")
+    if not plan.process.terminal and console_socket:
+        raise IsoboxError("cannot use console socket if runc will not detach or allocate tty")
     store.reserve(cid)
     cleanup: list = [lambda: store.remove(cid)]
     try:
@@ -74,19 +88,36 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
             cg.create(plan.resources, (plan.uid_base, plan.gid_base))
         except CgroupError as e:
             raise IsoboxError(str(e)) from None
+        if console_socket:
+            from isobox.init import console
+            console_sock = console.connect(console_socket)
+            cleanup.append(console_sock.close)
         fifo = store.fifo(cid)
         os.mkfifo(fifo, 0o600)
         fifo_fd = os.open(fifo, os.O_RDWR | os.O_CLOEXEC)
         try:
-            launched = launch(plan, fifo_fd, cg, cleanup)
+            launched = launch(plan, fifo_fd, cg, cleanup, console_sock, preserve_fds)
         finally:
             os.close(fifo_fd)
+            if console_sock is not None:
+                console_sock.close()
+        if plan.hooks:
+            # the init exists and waits at the start barrier: prestart and createRuntime in the
+            # runtime's namespaces, then createContainer in the container's; a failure undoes
+            # the create, after which poststop runs (last in the undo order), as on delete
+            from isobox.lifecycle import hooks
+            hook_state = hooks.state(cid, "creating", launched.pid, plan.bundle, plan.annotations)
+            cleanup.insert(0, lambda: hooks.run_warn(
+                "poststop", plan.hooks, hooks.state(cid, "stopped", launched.pid, plan.bundle, plan.annotations), log))
+            hooks.run("prestart", plan.hooks, hook_state)
+            hooks.run("createRuntime", plan.hooks, hook_state)
+            hooks.run_in_container("createContainer", plan.hooks, hook_state, launched.pid)
         st = ContainerState(
             id=cid, bundle=plan.bundle, rootfs=plan.rootfs, pid=launched.pid,
             starttime=proc_starttime(launched.pid) or 0, created=now_rfc3339(), owner="",
             annotations=plan.annotations, uid_base=plan.uid_base, gid_base=plan.gid_base, id_size=plan.id_size,
             cgroup_path=plan.cgroups_path, rootfs_method=launched.rootfs_method,
-            shares_userns_of=plan.shares_userns_of)
+            shares_userns_of=plan.shares_userns_of, freezer=_freezer_file(cg))
         alloc.set_init(holder, st.pid, st.starttime)
         store.save_config(cid, spec)
         store.save(st)

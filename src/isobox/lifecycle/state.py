@@ -24,11 +24,12 @@ class ContainerState:
     A plain class, not a dataclass: `state`, `start` and `kill` run once per engine call,
     and importing dataclasses (it pulls in inspect) costs about 20 ms of start-up here."""
     __slots__ = ("id", "bundle", "rootfs", "pid", "starttime", "created", "owner", "annotations", "uid_base",
-                 "gid_base", "id_size", "cgroup_path", "rootfs_method", "shares_userns_of")
+                 "gid_base", "id_size", "cgroup_path", "rootfs_method", "shares_userns_of", "freezer")
 
     def __init__(self, id: str, bundle: str, rootfs: str, pid: int = 0, starttime: int = 0, created: str = "",
                  owner: str = "", annotations: dict | None = None, uid_base: int = 0, gid_base: int = 0,
-                 id_size: int = 65536, cgroup_path: str = "", rootfs_method: str = "", shares_userns_of: str = ""):
+                 id_size: int = 65536, cgroup_path: str = "", rootfs_method: str = "", shares_userns_of: str = "",
+                 freezer: str = ""):
         self.id = id
         self.bundle = bundle
         self.rootfs = rootfs
@@ -43,6 +44,7 @@ class ContainerState:
         self.cgroup_path = cgroup_path
         self.rootfs_method = rootfs_method
         self.shares_userns_of = shares_userns_of
+        self.freezer = freezer
 
     def to_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
@@ -137,8 +139,14 @@ def status(store: StateStore, st: ContainerState) -> str:
 
 
 def _frozen(st: ContainerState) -> bool:
-    # freezer support arrives with pause/resume; a container is never paused before that
-    return False
+    if not st.freezer:
+        return False
+    try:
+        with open(st.freezer) as f:
+            text = f.read()
+    except OSError:
+        return False
+    return text.strip() == "FROZEN" or "frozen 1" in text.splitlines()
 
 
 def oci_state(store: StateStore, st: ContainerState) -> dict:

@@ -31,24 +31,41 @@ def _target(rootfd: int, dest: str, directory: bool) -> int:
 
 
 def bind(rootfd: int, m: Mount, userns_fd: int, log: list[str]) -> None:
+    from isobox.policy import check, model
     src = m.source
+    pol = getattr(m, "policy", None) or model.load()
+    # One descriptor is checked against the policy and is the one mounted (policy/check.py).
     try:
-        st = os.stat(src)
+        sfd = os.open(src, os.O_PATH | os.O_CLOEXEC)
     except OSError as e:
         raise IsoboxError(f"mount {m.destination}: bind source {src}: {e.strerror}") from None
-    is_dir = stat.S_ISDIR(st.st_mode)
-    rec = k.AT_RECURSIVE if m.options.recursive_bind else 0
-    tfd = _target(rootfd, m.destination, is_dir)
-    fd = k.open_tree(k.AT_FDCWD, src, k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | rec)
     try:
+        st = os.fstat(sfd)
+        check.bind_source(pol, src, sfd)
+        is_dir = stat.S_ISDIR(st.st_mode)
+        rec = k.AT_RECURSIVE if m.options.recursive_bind else 0
+        tfd = _target(rootfd, m.destination, is_dir)
+        try:
+            fd = k.open_tree(sfd, "", k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC | k.AT_EMPTY_PATH | rec)
+        except BaseException:
+            os.close(tfd)
+            raise
+    finally:
+        os.close(sfd)
+    try:
+        idmapped = False
         if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
             log.append(f"{m.destination}: device bound as is (shows as nobody)")
         else:
             try:
                 k.mount_setattr(fd, "", k.AT_EMPTY_PATH | rec, attr_set=k.MOUNT_ATTR_IDMAP, userns_fd=userns_fd)
+                idmapped = True
             except OSError as e:
                 log.append(f"{m.destination}: {src} cannot be idmapped ({e.strerror}); its files show as nobody")
         attrs = mountopts.attr_flags(m.options.flags)
+        if idmapped and not pol.writable_idmapped_binds and not attrs & k.MOUNT_ATTR_RDONLY:
+            attrs |= k.MOUNT_ATTR_RDONLY
+            log.append(f"{m.destination}: {src} bound read-only ({pol.path}: mounts.writable_idmapped_binds = false)")
         if attrs:
             k.mount_setattr(fd, "", k.AT_EMPTY_PATH | rec, attr_set=attrs)
         k.move_mount(fd, "", tfd, "", k.MOVE_MOUNT_F_EMPTY_PATH | k.MOVE_MOUNT_T_EMPTY_PATH)

@@ -101,6 +101,9 @@ def parse(argv: list[str]) -> Parsed:
         raise IsoboxError(f"unknown command {p.command!r} (isobox-runc supports: {', '.join(COMMANDS)})")
     flags, aliases, npos = COMMANDS[p.command]
     i += 1
+    if p.command in ("checkpoint", "restore"):
+        p.args = argv[i:]        # declared unsupported: its flags are not worth a separate error
+        return p
     while i < len(argv):
         a = argv[i]
         if a == "--":

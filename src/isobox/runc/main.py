@@ -55,6 +55,19 @@ def _spec(flags) -> None:
         json.dump(template(), f, indent="\t")
 
 
+def preserve_fds(flags) -> int:
+    raw = str(flags.get("preserve-fds") or "0")
+    if not raw.isdigit():
+        raise IsoboxError(f"--preserve-fds {raw!r} must be a number of file descriptors")
+    n = int(raw)
+    for fd in range(3, 3 + n):
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise IsoboxError(f"--preserve-fds {n}: file descriptor {fd} is not open") from None
+    return n
+
+
 def dispatch(p, log: Log) -> int:
     from isobox.lifecycle.state import DEFAULT_ROOT, StateStore
     g = p.globals
@@ -70,21 +83,20 @@ def dispatch(p, log: Log) -> int:
         if f.get("no-pivot"):
             raise IsoboxError("--no-pivot is refused: without pivot_root the host's root stays reachable "
                               "from the container")
-        if f.get("console-socket"):
-            raise IsoboxError("--console-socket (terminal containers) is not supported by this isobox-runc yet")
-        if f.get("preserve-fds") not in (None, "0"):
-            raise IsoboxError("--preserve-fds is not supported by this isobox-runc yet")
+        console_socket = str(f["console-socket"]) if f.get("console-socket") else None
+        preserve = preserve_fds(f)
         bundle = str(f.get("bundle") or os.getcwd())
         pid_file = str(f["pid-file"]) if f.get("pid-file") else None
         if cmd == "create":
             from isobox.lifecycle.create import create
-            create(store, a[0], bundle, pid_file, log)
+            create(store, a[0], bundle, pid_file, log, console_socket=console_socket, preserve_fds=preserve)
             return 0
         from isobox.lifecycle.run import run
-        return run(store, a[0], bundle, pid_file, bool(f.get("detach")), bool(f.get("keep")), log)
+        return run(store, a[0], bundle, pid_file, bool(f.get("detach")), bool(f.get("keep")), log,
+                   console_socket=console_socket, preserve_fds=preserve)
     if cmd == "start":
         from isobox.lifecycle.control import start
-        start(store, a[0])
+        start(store, a[0], log)
         return 0
     if cmd == "state":
         from isobox.lifecycle.state import oci_state
@@ -100,7 +112,7 @@ def dispatch(p, log: Log) -> int:
         return 0
     if cmd == "delete":
         from isobox.lifecycle.control import delete
-        delete(store, a[0], bool(f.get("force")))
+        delete(store, a[0], bool(f.get("force")), log=log)
         return 0
     if cmd == "spec":
         _spec(f)

@@ -15,6 +15,7 @@ class Mount:
     type: str
     source: str
     options: MountOptions
+    policy: object = None  # isobox.policy.model.Policy checked at bind time (None: load it then)
 
 
 @dataclass
@@ -47,6 +48,7 @@ class Process:
     no_new_privileges: bool
     rlimits: list[Rlimit]
     oom_score_adj: int | None
+    terminal: bool = False
 
 
 @dataclass
@@ -75,3 +77,7 @@ class Plan:
     process: Process
     annotations: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)   # decisions worth a log line
+    policy: object = None                            # isobox.policy.model.Policy in force for this create
+    hooks: dict = field(default_factory=dict)        # kind -> [{path, args, env, timeout}] (lifecycle/hooks.py)
+    seccomp: object = None                           # isobox.seccomp.Seccomp (compiled filter) or None
+    seccomp_trap_socket: str = ""                    # isoboxd's socket for the trap's listener fd; "" = trap off

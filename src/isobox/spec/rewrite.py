@@ -36,12 +36,8 @@ DEFAULT_MASKED = (
 )
 DEFAULT_READONLY = ("/proc/bus", "/proc/fs", "/proc/irq")
 
-# Character devices every container gets and the only ones a spec may add by default:
-# they expose no host state (the policy file widens this in a later release).
-SAFE_CHAR_DEVICES = {
-    (1, 3): "null", (1, 5): "zero", (1, 7): "full", (1, 8): "random", (1, 9): "urandom", (5, 0): "tty",
-    (10, 229): "fuse", (10, 200): "net/tun",
-}
+# Character devices every container gets (OCI's defaults). Which host devices a spec may
+# add is the policy's [devices] allow list (isobox/policy/model.py).
 DEFAULT_DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 
 _IPC_SYSCTLS = {"kernel.msgmax", "kernel.msgmnb", "kernel.msgmni", "kernel.sem", "kernel.shmall", "kernel.shmmax",
@@ -146,10 +142,7 @@ def _mapping(linux: dict, owner: tuple | None) -> tuple[int, int, int, bool]:
     return u["hostID"], g["hostID"], u["size"], True
 
 
-def _process(proc: dict) -> Process:
-    if proc.get("terminal"):
-        raise IsoboxError("process.terminal (a container with a tty) is not supported by this isobox-runc yet; "
-                          "set it to false")
+def process_from_spec(proc: dict) -> Process:
     user = proc.get("user", {})
     caps = proc.get("capabilities", {})
     try:
@@ -187,21 +180,23 @@ def _process(proc: dict) -> Process:
         umask=umask if isinstance(umask, int) else None,
         caps_bounding=masks["bounding"], caps_effective=masks["effective"], caps_permitted=masks["permitted"],
         caps_inheritable=masks["inheritable"], caps_ambient=masks["ambient"],
-        no_new_privileges=bool(proc.get("noNewPrivileges", False)), rlimits=rlimits, oom_score_adj=oom)
+        no_new_privileges=bool(proc.get("noNewPrivileges", False)), rlimits=rlimits, oom_score_adj=oom,
+        terminal=bool(proc.get("terminal", False)))
 
 
-def _devices(linux: dict, notes: list[str]) -> list[Device]:
+def _devices(linux: dict, notes: list[str], pol=None) -> list[Device]:
+    from isobox.policy import model
+    pol = pol or model.load()
+    allowed = pol.device_map()
     out = {f"/dev/{n}": Device(f"/dev/{n}", f"/dev/{n}") for n in DEFAULT_DEVICES}
     for d in linux.get("devices", []) or []:
         path = d.get("path", "")
-        key = (d.get("major"), d.get("minor"))
-        if d.get("type") != "c" or key not in SAFE_CHAR_DEVICES:
-            notes.append(f"device {path} ({d.get('type')} {key[0]}:{key[1]}) not passed: only harmless "
-                         "character devices are given to containers")
-            continue
-        host = f"/dev/{SAFE_CHAR_DEVICES[key]}"
-        if not os.path.exists(host):
-            notes.append(f"device {path}: host has no {host}")
+        t = "c" if d.get("type") == "u" else d.get("type")
+        key = (t, d.get("major"), d.get("minor"))
+        host = allowed.get(key)
+        if host is None:
+            notes.append(f"device {path} ({d.get('type')} {key[1]}:{key[2]}) not passed: not in {pol.path} "
+                         "devices.allow")
             continue
         out[path] = Device(path, host)
     return list(out.values())
@@ -226,7 +221,7 @@ def _sysctl(linux: dict, join: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _mounts(spec: dict) -> list[Mount]:
+def _mounts(spec: dict, pol=None) -> list[Mount]:
     out = []
     for m in spec.get("mounts", []) or []:
         opts = mountopts.parse(m.get("options", []))
@@ -241,7 +236,8 @@ def _mounts(spec: dict) -> list[Mount]:
             raise IsoboxError(f"mount {m['destination']}: bind source {src!r} must be an absolute path")
         if not mtype:
             raise IsoboxError(f"mount {m['destination']}: no type given")
-        out.append(Mount(os.path.normpath(m["destination"]), mtype, src, opts))
+        out.append(Mount(os.path.normpath(m["destination"]), mtype, src, opts,
+                         policy=pol if opts.is_bind else None))
     return out
 
 
@@ -252,6 +248,13 @@ def rewrite(cid: str, bundle: str, spec: dict, find_owner: OwnerLookup) -> Plan:
     rootfs = os.path.normpath(os.path.join(bundle, root))
     if not os.path.isdir(rootfs):
         raise IsoboxError(f"rootfs {rootfs!r} does not exist or is not a directory")
+    from isobox.policy import model
+    pol = model.load()   # refused here (bad file, bad mode) before anything exists
+    # A rootfs is itself an idmapped bind: refuse a denied path or an ancestor of one (engines
+    # keep rootfs below their data roots, so "below" is not checked for it).
+    rule = pol.path_rule(os.path.realpath(rootfs), below=False)
+    if rule:
+        raise IsoboxError(f"rootfs {rootfs} refused by {pol.path} ({rule})")
     new_flags, join, join_user, shares, owner = _namespaces(linux, find_owner)
     uid_base, gid_base, size, explicit = _mapping(linux, owner)
     notes: list[str] = []
@@ -260,14 +263,32 @@ def rewrite(cid: str, bundle: str, spec: dict, find_owner: OwnerLookup) -> Plan:
     hostname = spec.get("hostname", "") or ""
     if hostname and "uts" in join:
         raise IsoboxError("hostname cannot be set in a joined uts namespace")
+    # seccomp: validated, merged with isobox's trap and compiled here (libseccomp is imported
+    # only when there is a profile or the trap); the init inherits the compiled filter
+    from isobox import seccomp
+    trap = seccomp.trap_socket()
+    sec = seccomp.prepare(linux.get("seccomp"), cid=cid, bundle=bundle, annotations=spec.get("annotations") or {},
+                          trap_socket=trap)
+    if sec is not None:
+        notes += sec.notes
     return Plan(
         id=cid, bundle=bundle, rootfs=rootfs, readonly_root=bool(spec["root"].get("readonly")),
         new_namespaces=new_flags, join_namespaces=join, join_user=join_user, shares_userns_of=shares,
         uid_base=uid_base, gid_base=gid_base, id_size=size, explicit_mapping=explicit,
-        mounts=_mounts(spec), masked_paths=masked, readonly_paths=readonly, devices=_devices(linux, notes),
+        mounts=_mounts(spec, pol), masked_paths=masked, readonly_paths=readonly,
+        devices=_devices(linux, notes, pol),
         hostname=hostname, domainname=spec.get("domainname", "") or "", sysctl=_sysctl(linux, join),
         cgroups_path=_cgroups_path(cid, linux), resources=linux.get("resources") or {},
-        process=_process(spec["process"]), annotations=spec.get("annotations") or {}, notes=notes)
+        process=process_from_spec(spec["process"]), annotations=spec.get("annotations") or {}, notes=notes,
+        policy=pol, hooks=_hooks(spec), seccomp=sec, seccomp_trap_socket=trap)
+
+
+def _hooks(spec: dict) -> dict:
+    """Each hook: an absolute path, args and env lists of strings, a positive integer timeout."""
+    if not spec.get("hooks"):
+        return {}
+    from isobox.lifecycle import hooks
+    return hooks.validate(spec)
 
 
 def _cgroups_path(cid: str, linux: dict) -> str:

@@ -1,0 +1,77 @@
+"""Terminals: a pty from the container's own devpts, handed over go-runc's way.
+
+The console-socket protocol (go-runc console.go): one stream connection, one message whose
+payload is a name, exactly one fd (the pty master) via SCM_RIGHTS. The pty must come from
+the container's devpts instance, or `tty` inside names nothing; so the process that makes it
+has already entered the container's mount namespace, and the socket was connected by the
+runtime beforehand (its path is on the host) and inherited."""
+from __future__ import annotations
+
+import _socket
+import array
+import fcntl
+import os
+
+from isobox.errors import IsoboxError
+
+TIOCGPTN = 0x80045430
+TIOCSPTLCK = 0x40045431
+TIOCGPTPEER = 0x5441
+TIOCSCTTY = 0x540E
+
+
+def connect(path: str) -> _socket.socket:
+    """Connect to the engine's console socket, before any namespace is entered."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise IsoboxError(f"cannot connect to console socket {path}: {e.strerror}") from None
+    return s
+
+
+def open_pty() -> tuple[int, int]:
+    """(master, slave) from /dev/ptmx of the current mount namespace."""
+    try:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise IsoboxError(f"cannot open /dev/ptmx in the container (is /dev/pts a devpts mount?): "
+                          f"{e.strerror}") from None
+    fcntl.ioctl(master, TIOCSPTLCK, array.array("i", [0]))
+    # TIOCGPTPEER opens the peer without a path lookup that a container could redirect
+    slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    return master, slave
+
+
+def pty_name(master: int) -> str:
+    buf = array.array("i", [0])
+    fcntl.ioctl(master, TIOCGPTN, buf)
+    return f"/dev/pts/{buf[0]}"
+
+
+def send_master(sock: _socket.socket, master: int) -> None:
+    name = pty_name(master).encode()
+    sock.sendmsg([name], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [master]))])
+
+
+def make_controlling(slave: int) -> None:
+    """New session with the slave as controlling terminal and as stdin/stdout/stderr."""
+    os.setsid()
+    fcntl.ioctl(slave, TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(slave, fd)
+    if slave > 2:
+        os.close(slave)
+
+
+def setup(sock: _socket.socket) -> None:
+    """In the process that will exec the container's program: make the pty, send the master,
+    take the slave as the controlling terminal."""
+    master, slave = open_pty()
+    try:
+        send_master(sock, master)
+    finally:
+        os.close(master)
+        sock.close()
+    make_controlling(slave)

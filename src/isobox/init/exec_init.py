@@ -1,0 +1,63 @@
+"""The process side of `exec`: a helper (X) joins the container's namespaces, user namespace
+first, then forks the process (Y), which is born in the container's pid namespace.
+
+X starts in the host's namespaces so the runtime can move it into the container's cgroups
+before anything of it enters the container; Y inherits them. Y stays non-dumpable until
+execve: its memory map still belongs to the host's user namespace, so nothing in the
+container can open the interpreter through /proc/Y/exe or read its memory."""
+from __future__ import annotations
+
+import os
+
+from isobox.init import channel, console, container
+from isobox.linux import syscalls as k
+from isobox.spec.plan import Process
+
+# user first: joining it grants the capabilities the other setns calls need there
+ORDER = (("user", k.CLONE_NEWUSER), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE_NEWUTS), ("net", k.CLONE_NEWNET),
+         ("cgroup", k.CLONE_NEWCGROUP), ("pid", k.CLONE_NEWPID), ("mnt", k.CLONE_NEWNS))
+
+
+def open_namespaces(pid: int) -> dict[str, int]:
+    return {name: os.open(f"/proc/{pid}/ns/{name}", os.O_RDONLY | os.O_CLOEXEC) for name, _ in ORDER}
+
+
+def helper(ns: dict[str, int], go_r: int, report_w: int, proc: Process, console_sock, preserve: int,
+           seccomp) -> None:
+    """X: never returns."""
+    try:
+        if not os.read(go_r, 1):
+            os._exit(1)
+        os.close(go_r)
+        inst = None
+        if seccomp is not None:
+            from isobox.seccomp import installer
+            inst = installer(seccomp)          # connects any listener socket while host paths resolve
+        for name, flag in ORDER:
+            k.setns(ns[name], flag)
+            os.close(ns[name])
+        y = os.fork()
+        if y == 0:
+            _process(proc, report_w, console_sock, preserve, inst)
+        os.write(report_w, f"pid:{y}\n".encode())
+    except BaseException as e:  # noqa: BLE001 - one line to the runtime, never a traceback
+        os.write(report_w, ("err:" + channel.error_line(e) + "\n").encode())
+    finally:
+        os._exit(0)
+
+
+def _process(proc: Process, report_w: int, console_sock, preserve: int, seccomp) -> None:
+    """Y: becomes the exec'd process or reports why not."""
+    try:
+        k.prctl(k.PR_SET_DUMPABLE, 0)
+        exe = container.prepare(proc)
+        if console_sock is not None:
+            console.setup(console_sock)
+        container.reset_signals()
+        container.close_host_fds(preserve, keep={report_w})
+        container.become(proc, seccomp)
+        os.execve(exe, proc.args, container.env_dict(proc.env))
+    except BaseException as e:  # noqa: BLE001
+        os.write(report_w, ("err:" + channel.error_line(e) + "\n").encode())
+    finally:
+        os._exit(127)

@@ -1,0 +1,112 @@
+"""exec: run another process in a running container.
+
+The runtime (P) forks a helper that joins the container (exec_init.py) after P has moved it
+into every cgroup of the container; the process it forks is left to the caller's subreaper
+when detached, or waited for (P is a subreaper) in the foreground."""
+from __future__ import annotations
+
+import os
+import signal
+
+from isobox.errors import IsoboxError
+from isobox.lifecycle.state import StateStore, status
+from isobox.linux import syscalls as k
+from isobox.spec.plan import Process
+
+
+def exec_process(store: StateStore, cid: str, proc: Process, *, detach: bool, pid_file: str | None,
+                 console_socket: str | None, preserve_fds: int, ignore_paused: bool = False,
+                 seccomp=None) -> int:
+    from isobox.cgroups.layout import detect
+    from isobox.cgroups.manager import ContainerCgroup
+    from isobox.init import exec_init
+    st = store.load(cid)
+    s = status(store, st)
+    if s == "stopped":
+        raise IsoboxError("cannot exec in a stopped container")
+    if s == "paused" and not ignore_paused:
+        raise IsoboxError("cannot exec in a paused container (use --ignore-paused)")
+    if proc.terminal and not console_socket and detach:
+        raise IsoboxError("cannot allocate tty if runc will detach without setting console socket")
+    if not proc.terminal and console_socket:
+        raise IsoboxError("cannot use console socket if runc will not detach or allocate tty")
+    console_sock = relay_sock = None
+    if console_socket:
+        from isobox.init import console
+        console_sock = console.connect(console_socket)
+    elif proc.terminal:
+        from isobox.lifecycle import relay
+        relay_sock, console_sock = relay.socket_pair()
+    ns = exec_init.open_namespaces(st.pid)
+    go_r, go_w = os.pipe()
+    report_r, report_w = os.pipe()
+    if not detach:
+        k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
+    x = os.fork()
+    if x == 0:
+        os.close(go_w)
+        os.close(report_r)
+        exec_init.helper(ns, go_r, report_w, proc, console_sock, preserve_fds, seccomp)
+    for fd in (go_r, report_w, *ns.values()):
+        os.close(fd)
+    if console_sock is not None:
+        console_sock.close()
+    try:
+        ContainerCgroup(detect(), st.cgroup_path).add(x)
+    except BaseException:
+        os.kill(x, signal.SIGKILL)
+        os.waitpid(x, 0)
+        raise
+    os.write(go_w, b"1")
+    os.close(go_w)
+    pid = _report(report_r, x)
+    if pid_file:
+        from isobox.lifecycle.create import write_pid_file
+        write_pid_file(pid_file, pid)
+    if detach:
+        return 0
+    for sig in _FORWARD:
+        signal.signal(sig, lambda s, _f: _forward(pid, s))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
+    if relay_sock is not None:
+        from isobox.lifecycle import relay
+        return relay.relay(relay.receive_master(relay_sock), pid, lambda s: _forward(pid, s))
+    from isobox.lifecycle.run import _wait
+    return _wait(pid)
+
+
+_FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
+            signal.SIGWINCH)
+
+
+def _forward(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _report(fd: int, helper: int) -> int:
+    """The helper writes "pid:N"; the process then writes nothing (its end closes at execve)
+    or "err:..."."""
+    data = b""
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    os.close(fd)
+    try:
+        os.waitpid(helper, 0)
+    except ChildProcessError:
+        pass
+    pid = 0
+    for line in data.decode(errors="replace").splitlines():
+        if line.startswith("pid:"):
+            pid = int(line[4:])
+        elif line.startswith("err:"):
+            raise IsoboxError(line[4:])
+    if not pid:
+        raise IsoboxError("the exec helper died before starting the process")
+    return pid

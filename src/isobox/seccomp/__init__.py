@@ -1,0 +1,183 @@
+"""Seccomp for isobox: the spec's profile and isobox's own trap, in one filter.
+
+    rewrite.py (runtime, before anything exists)
+        plan.seccomp = prepare(spec["linux"].get("seccomp"), cid=..., bundle=..., annotations=...,
+                               trap_socket=plan.seccomp_trap_socket)
+            parse + validate (profile.py), merge the trap (ERRNO must not pre-empt NOTIFY),
+            compile with libseccomp (compile.py); any problem is one IsoboxError line.
+    container init / exec'd process
+        inst = installer(plan.seccomp)   # while still in the host's mount namespace: connects
+                                          # to the listener socket (host paths)
+        container.become(proc, inst)     # become() calls inst.early(proc) first and inst() last
+        os.execve(...)
+
+When the filter is loaded (the runc rule): as late as possible, right before execve, when the
+process will be able to — with no_new_privs set, or with CAP_SYS_ADMIN in its user namespace
+after the capabilities are set. Otherwise (a non-root user without no_new_privs: seccomp(2)
+without NNP needs CAP_SYS_ADMIN) it is loaded at the start of become(), while container root
+still holds every capability of its user namespace; the profile must then allow what become()
+does before execve (prctl, setgroups, setresgid, setresuid, capset, capget, openat/read/close of
+/proc/sys/kernel/cap_last_cap, umask, execve) — Docker's default profile does.
+
+The trap (isoboxd, a later issue) is OFF by default: it is on when a trap socket is given
+(Plan.seccomp_trap_socket, filled from TRAP_SOCKET or the ISOBOX_SECCOMP_TRAP_SOCKET
+environment of isobox-runc, which only root can run usefully). With it, the syscalls in TRAPPED
+return SCMP_ACT_NOTIFY; the listener fd is sent over that unix stream socket with SCM_RIGHTS
+and one JSON message {"type": "isobox-seccomp", "id", "pid" (host pid, 0 when unknown),
+"nsPid" (in the container), "trapped": [...]}; each exec'd process sends its own.
+
+A spec listenerPath (without the trap) works as in runc: connect, send the
+containerProcessState JSON {"ociVersion", "fds": ["seccompFd"], "pid", "metadata", "state"}
+with the fd. Both together are refused: a task has one listener (a second gives EBUSY).
+The init never keeps the listener fd: it is closed before execve.
+"""
+from __future__ import annotations
+
+import json
+import os
+import _socket  # not socket.py: it costs ~5 ms of imports on every create
+import array
+
+from isobox.errors import IsoboxError
+from isobox.seccomp.profile import TRAPPED, Profile, merge_trap, parse  # noqa: F401  (re-exported)
+
+TRAP_SOCKET_ENV = "ISOBOX_SECCOMP_TRAP_SOCKET"
+TRAP_SOCKET: str | None = None      # module switch; None: take the environment variable
+OCI_VERSION = "1.2.0"
+CAP_SYS_ADMIN = 21
+
+
+def trap_socket() -> str:
+    """The trap's socket path, or "" (off)."""
+    if TRAP_SOCKET is not None:
+        return TRAP_SOCKET
+    return os.environ.get(TRAP_SOCKET_ENV, "")
+
+
+class Seccomp:
+    """What Plan.seccomp holds: the compiled filter and where its listener fd goes."""
+
+    def __init__(self, compiled, *, cid: str, bundle: str, annotations: dict, trap_socket: str):
+        self.compiled = compiled
+        self.cid = cid
+        self.bundle = bundle
+        self.annotations = annotations
+        self.trap_socket = trap_socket
+        prof: Profile = compiled.profile
+        self.listener_path = prof.listener_path
+        self.listener_metadata = prof.listener_metadata
+        self.notes = list(prof.notes)
+        if compiled.skipped:
+            self.notes.append("seccomp: syscalls unknown to libseccomp skipped: " + ", ".join(compiled.skipped))
+
+    @property
+    def socket_path(self) -> str:
+        return self.trap_socket or self.listener_path
+
+
+def check(spec_seccomp: dict | None, trap_socket: str = "") -> Profile | None:
+    """Pure validation and trap merge, no libseccomp: the Profile to compile, or None."""
+    prof = parse(spec_seccomp) if spec_seccomp is not None else None
+    if trap_socket:
+        if not trap_socket.startswith("/"):
+            raise IsoboxError(f"seccomp trap socket {trap_socket!r} must be an absolute path")
+        prof = merge_trap(prof)
+    return prof
+
+
+def prepare(spec_seccomp: dict | None, *, cid: str = "", bundle: str = "", annotations: dict | None = None,
+            trap_socket: str = "") -> Seccomp | None:
+    """Validates, merges and compiles; None when there is neither a profile nor the trap."""
+    prof = check(spec_seccomp, trap_socket)
+    if prof is None:
+        return None
+    from isobox.seccomp.compile import compile_profile
+    return Seccomp(compile_profile(prof), cid=cid, bundle=bundle, annotations=dict(annotations or {}),
+                   trap_socket=trap_socket)
+
+
+def _connect(path: str) -> _socket.socket:
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise IsoboxError(f"seccomp: cannot connect to the listener socket {path}: {e.strerror}") from None
+    return s
+
+
+def _host_pid() -> int:
+    """Our pid in the host's procfs: right while /proc is still the host's (before setns)."""
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return 0
+
+
+class Installer:
+    """Made before the process enters the container's mount namespace; loads the filter once."""
+
+    def __init__(self, sec: Seccomp, host_pid: int | None = None):
+        self.sec = sec
+        self.conn = _connect(sec.socket_path) if sec.compiled.uses_notify and sec.socket_path else None
+        self.host_pid = _host_pid() if host_pid is None else host_pid
+        self.done = False
+
+    def early(self, proc) -> None:
+        """Called before credentials change: loads now if the process will not be able to later."""
+        if not (proc.no_new_privileges or proc.caps_effective >> CAP_SYS_ADMIN & 1):
+            self()
+
+    def __call__(self) -> None:
+        if not self.done:
+            self.done = True
+            _load_and_send(self.sec, self.conn, self.host_pid)
+            self.conn = None
+
+
+def installer(sec: Seccomp | None, host_pid: int | None = None) -> Installer | None:
+    return Installer(sec, host_pid) if sec is not None else None
+
+
+def install(sec_or_spec, conn: _socket.socket | None = None, *, host_pid: int = 0, cid: str = "",
+            trap_socket: str = "") -> None:
+    """Loads a filter now, on the calling thread, and hands its listener fd over.
+
+    sec_or_spec: a Seccomp from prepare(), or an OCI linux.seccomp dict (then compiled here).
+    conn: an already connected socket for the listener fd; when None, the socket path is
+    connected now (which must then resolve in the caller's current mount namespace)."""
+    sec = sec_or_spec
+    if not isinstance(sec, Seccomp):
+        sec = prepare(sec_or_spec, cid=cid, trap_socket=trap_socket)
+        if sec is None:
+            return
+    if conn is None and sec.compiled.uses_notify and sec.socket_path:
+        conn = _connect(sec.socket_path)
+    _load_and_send(sec, conn, host_pid)
+
+
+def _load_and_send(sec: Seccomp, conn: _socket.socket | None, host_pid: int) -> None:
+    try:
+        fd = sec.compiled.load()
+        if fd < 0:
+            return
+        try:
+            if conn is None:
+                raise IsoboxError("seccomp: the filter has a listener but there is no socket to send it to")
+            if sec.trap_socket:
+                msg = {"type": "isobox-seccomp", "id": sec.cid, "pid": host_pid, "nsPid": os.getpid(),
+                       "trapped": list(TRAPPED)}
+            else:
+                msg = {"ociVersion": OCI_VERSION, "fds": ["seccompFd"], "pid": host_pid,
+                       "metadata": sec.listener_metadata,
+                       "state": {"ociVersion": OCI_VERSION, "id": sec.cid, "status": "creating", "pid": host_pid,
+                                 "bundle": sec.bundle, "annotations": sec.annotations}}
+            try:
+                conn.sendmsg([json.dumps(msg).encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))])
+            except OSError as e:
+                raise IsoboxError(f"seccomp: cannot send the listener fd to {sec.socket_path}: {e.strerror}") from None
+        finally:
+            os.close(fd)       # the container must never hold its own listener
+    finally:
+        if conn is not None:
+            conn.close()
