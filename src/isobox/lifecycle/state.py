@@ -160,6 +160,6 @@ def oci_state(store: StateStore, st: ContainerState) -> dict:
         "bundle": st.bundle,
         "rootfs": st.rootfs,
         "created": st.created,
-        "owner": st.owner,
         **({"annotations": st.annotations} if st.annotations else {}),
+        "owner": st.owner,
     }
