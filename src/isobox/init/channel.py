@@ -38,6 +38,17 @@ def recv(sock: _socket.socket, what: str) -> tuple[str, list[int]]:
     return msg, list(fds)
 
 
+def connect_unix(path: str, what: str) -> _socket.socket:
+    """A stream connection to a host socket (an engine's console socket, a seccomp listener)."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    try:
+        s.connect(path)
+    except OSError as e:
+        s.close()
+        raise IsoboxError(f"cannot connect to {what} {path}: {e.strerror}") from None
+    return s
+
+
 def error_line(exc: BaseException) -> str:
     if isinstance(exc, IsoboxError):
         return str(exc)

@@ -22,13 +22,8 @@ TIOCSCTTY = 0x540E
 
 def connect(path: str) -> _socket.socket:
     """Connect to the engine's console socket, before any namespace is entered."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
-    try:
-        s.connect(path)
-    except OSError as e:
-        s.close()
-        raise IsoboxError(f"cannot connect to console socket {path}: {e.strerror}") from None
-    return s
+    from isobox.init.channel import connect_unix
+    return connect_unix(path, "console socket")
 
 
 def open_pty() -> tuple[int, int]:

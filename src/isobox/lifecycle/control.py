@@ -39,6 +39,12 @@ def start(store: StateStore, cid: str, log=None) -> ContainerState:
         # poststart: after the process started; a failure is only a warning
         hooks.run_warn("poststart", spec_hooks, hooks.state(cid, "running", st.pid, st.bundle, st.annotations), log)
         return st
+    _release(fifo)
+    return st
+
+
+def _release(fifo: str) -> None:
+    """Let the init past its start barrier (no reader left on the FIFO: the init is gone)."""
     try:
         fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
@@ -50,7 +56,6 @@ def start(store: StateStore, cid: str, log=None) -> ContainerState:
     finally:
         os.close(fd)
     os.unlink(fifo)
-    return st
 
 
 def _start_with_hooks(store: StateStore, st: ContainerState, fifo: str, spec_hooks: dict, hooks) -> ContainerState:
@@ -63,17 +68,7 @@ def _start_with_hooks(store: StateStore, st: ContainerState, fifo: str, spec_hoo
                 watch = hooks.StartWatch(st.pid, fifo, spec_hooks)
             except (ProcessLookupError, FileNotFoundError):
                 raise IsoboxError("container not running") from None
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            if e.errno in (errno.ENXIO, errno.ENOENT):
-                raise IsoboxError("container not running") from None
-            raise
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
-        os.unlink(fifo)
+        _release(fifo)
         if watch is not None:
             watch.wait()
     finally:

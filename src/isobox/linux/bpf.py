@@ -10,9 +10,7 @@ import ctypes
 import os
 import struct
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+from isobox.linux.syscalls import _libc, _syscall  # one libc handle for all bindings
 
 SYS_bpf = 321
 

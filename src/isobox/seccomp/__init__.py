@@ -97,13 +97,8 @@ def prepare(spec_seccomp: dict | None, *, cid: str = "", bundle: str = "", annot
 
 
 def _connect(path: str) -> _socket.socket:
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
-    try:
-        s.connect(path)
-    except OSError as e:
-        s.close()
-        raise IsoboxError(f"seccomp: cannot connect to the listener socket {path}: {e.strerror}") from None
-    return s
+    from isobox.init.channel import connect_unix
+    return connect_unix(path, "the seccomp listener socket")
 
 
 def _host_pid() -> int:
