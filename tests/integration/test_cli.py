@@ -69,3 +69,11 @@ def test_demo_shows_both_views():
     out = r.stdout
     assert "what the container believes" in out and "what the host sees" in out
     assert "000001ffffffffff" in out and "refused: EINVAL" in out and "refused: EPERM" in out
+
+
+def test_doctor_reports_each_need_and_what_was_proven_where():
+    r = isobox("doctor")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for need in ("user namespaces", "idmapped mounts", "seccomp user-notify", "FUSE", "cgroups", "ID pool", "policy"):
+        assert need in r.stdout
+    assert "proven" in r.stdout and "unit-tested against a cgroup tree" in r.stdout

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from conftest import ids_held, leftovers
+from conftest import RUNC, ids_held, leftovers
 
 DATA = os.path.join(os.path.dirname(__file__), "..", "data")
 NR_MOUNT, NR_MKDIR = 165, 83
@@ -260,3 +260,29 @@ def test_listener_path_with_trap_is_refused(runtime, busybox_rootfs, tmp_path):
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode != 0 and len(lines) == 1 and "only one seccomp listener" in lines[0], r.stderr
     assert leftovers(cid) == [] and ids_held(runtime.root) == []
+
+
+def test_each_exec_hands_over_its_own_listener(runtime, busybox_rootfs, tmp_path):
+    """The container's init and an exec'd process each get a listener fd of their own (a task
+    has one listener); the exec'd one arrives the same way, with its own message."""
+    init_sock, exec_sock = str(tmp_path / "init.sock"), str(tmp_path / "exec.sock")
+    first, second = Supervisor(init_sock, errno.EPERM), Supervisor(exec_sock, errno.EROFS)
+    first.start()
+    second.start()
+    try:
+        b = runtime.bundle(busybox_rootfs, ["sleep", "300"])
+        cid = runtime.new_id()
+        with open(tmp_path / "o", "w") as o:
+            r = subprocess.run([*RUNC, "--root", runtime.root, "run", "-d", "--bundle", b, cid], stdout=o, stderr=o,
+                               stdin=subprocess.DEVNULL, timeout=60,
+                               env={**os.environ, "ISOBOX_SECCOMP_TRAP_SOCKET": init_sock})
+        assert r.returncode == 0
+        r = runtime("exec", cid, "sh", "-c", "mount -t tmpfs none /mnt; echo rc=$?",
+                    env={**os.environ, "ISOBOX_SECCOMP_TRAP_SOCKET": exec_sock})
+    finally:
+        first.finish()
+        second.finish()
+    assert "Read-only file system" in r.stdout + r.stderr        # answered by the exec's own supervisor
+    assert first.msg["id"] == second.msg["id"] == cid
+    assert second.msg["nsPid"] > 1 and first.msg["nsPid"] == 1
+    assert {nr for nr, _, _ in second.seen} == {NR_MOUNT} and not first.seen

@@ -10,6 +10,7 @@ USAGE = """usage: isobox COMMAND
   setup                      create the ID pool (/etc/subuid, /etc/subgid) and isobox's directories
   run [--privileged] [--memory SIZE] [--cpus N] [--rootfs DIR | IMAGE] [CMD...]
                              run CMD (default: sh) in a new isolated container
+  doctor                     check what isobox needs from the kernel and the host
   demo                       run a privileged container and show what it believes next to what the host sees
 """
 
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             return _setup(rest)
         if cmd == "run":
             return _run(rest)
+        if cmd == "doctor":
+            from isobox.cli.doctor import doctor
+            return doctor()
         if cmd == "demo":
             from isobox.cli.demo import demo
             return demo()
