@@ -133,8 +133,24 @@ def dispatch(p, log: Log) -> int:
     raise IsoboxError(f"unknown command {cmd!r}")
 
 
+def _record(path: str, argv: list[str]) -> None:
+    """Append this call's argv as one JSON line: the end-to-end suite records what the
+    engines really call, to check each (command, flag set) has a test of its own."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (json.dumps({"argv": argv, "ppid": os.getppid()}) + "\n").encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    trace = os.environ.get("ISOBOX_ARGV_LOG")
+    if trace:
+        _record(trace, argv)
     log = Log(None)
     try:
         p = argparse_runc.parse(argv)
