@@ -18,6 +18,8 @@ USAGE = """usage: isobox COMMAND
 def _setup(argv: list[str]) -> int:
     from isobox.ids.pool import ensure_pool
     start, count = ensure_pool()
+    from isobox.ids.allocator import Allocator
+    Allocator().use_wal()
     os.makedirs("/var/lib/isobox", mode=0o700, exist_ok=True)
     os.makedirs("/etc/isobox", mode=0o755, exist_ok=True)
     from isobox.policy.model import DEFAULT_PATH, default_toml, load

@@ -147,11 +147,46 @@ def policy_path() -> str:
 
 
 def parse(text: str, path: str = DEFAULT_PATH) -> Policy:
+    return _from_data(_toml(text, path), path)
+
+
+def _toml(text: str, path: str) -> dict:
     import tomllib
     try:
-        data = tomllib.loads(text)
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise IsoboxError(f"policy {path}: {e}") from None
+
+
+# tomllib (with typing) costs ~11 ms to import on every create and exec; the parsed file is
+# kept as JSON in a root-only directory and reused while the file's text is unchanged.
+CACHE_DIR = "/run/isobox/.policy-cache"
+
+
+def _cached_toml(text: str, path: str) -> dict:
+    import json
+    cache = os.path.join(CACHE_DIR, path.replace("%", "%25").replace("/", "%2F"))
+    try:
+        with open(cache) as f:
+            entry = json.load(f)
+        if entry.get("text") == text and isinstance(entry.get("data"), dict):
+            return entry["data"]
+    except (OSError, ValueError):
+        pass
+    data = _toml(text, path)
+    try:
+        os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
+        tmp = f"{cache}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"text": text, "data": data}, f)
+        os.rename(tmp, cache)
+    except (OSError, TypeError, ValueError):
+        pass                     # no cache: parse again next time
+    return data
+
+
+def _from_data(data: dict, path: str) -> Policy:
     vals: dict = {}
     for table, body in data.items():
         if table not in _KEYS:
@@ -205,7 +240,7 @@ def load(path: str | None = None) -> Policy:
         text = raw.decode()
     except UnicodeDecodeError:
         raise IsoboxError(f"policy {path}: not UTF-8 text") from None
-    return parse(text, path)
+    return _from_data(_cached_toml(text, path), path)
 
 
 def _toml_list(items) -> str:
