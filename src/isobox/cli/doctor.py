@@ -94,9 +94,13 @@ def checks() -> list[tuple[str, str, str]]:
         out.append(("policy", OK, f"{pol.path or 'built-in defaults'}"))
     except Exception as e:  # noqa: BLE001
         out.append(("policy", FAIL, str(e)))
-    for engine, binary in (("docker", "dockerd"), ("containerd", "containerd"), ("podman", "podman")):
-        found = shutil.which(binary)
-        out.append((engine, OK if found else WARN, f"found at {found}" if found else "not installed"))
+    try:   # found, isobox registered, default runtime, what to run (config files read, never written)
+        from isobox.engines.install import doctor_rows
+        out.extend(doctor_rows())
+    except Exception as e:  # noqa: BLE001
+        for engine, binary in (("docker", "dockerd"), ("containerd", "containerd"), ("podman", "podman")):
+            found = shutil.which(binary)
+            out.append((engine, WARN, (f"found at {found}; " if found else "not installed; ") + f"status unknown: {e}"))
     return out
 
 

@@ -11,6 +11,11 @@ USAGE = """usage: isobox COMMAND
   run [--privileged] [--memory SIZE] [--cpus N] [--rootfs DIR | IMAGE] [CMD...]
                              run CMD (default: sh) in a new isolated container
   doctor                     check what isobox needs from the kernel and the host
+  install [--docker] [--containerd] [--podman] [--default]
+                             register isobox-runc with the engines (no flag: every engine on PATH);
+                             --default makes it their default runtime; prints what to reload
+  uninstall [--docker] [--containerd] [--podman]
+                             remove what install added (the .isobox-backup files stay)
   demo                       run a privileged container and show what it believes next to what the host sees
 """
 
@@ -103,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "doctor":
             from isobox.cli.doctor import doctor
             return doctor()
+        if cmd in ("install", "uninstall"):
+            from isobox.engines.install import run as engines_run
+            return engines_run(rest, uninstall=cmd == "uninstall")
         if cmd == "demo":
             from isobox.cli.demo import demo
             return demo()

@@ -127,6 +127,15 @@ def mount_overlay(src: OverlaySource, target: str, userns_fd: int, uid: int, gid
             held.append(fd)
             lower_paths.append(f"/proc/self/fd/{fd}")
         upper_fd = None
+        if src.upper and ("volatile" in src.other or "fsync=volatile" in src.other):
+            # The engine's volatile overlay (podman run --rm) left work/work/incompat/volatile, and
+            # the kernel refuses any other mount over that workdir (EINVAL): use a fresh one beside it
+            # (inside the layer dir, which the engine removes with the container).
+            work = os.path.join(os.path.dirname(src.work), "isobox-volatile-work")
+            import shutil
+            shutil.rmtree(work, ignore_errors=True)
+            os.mkdir(work, 0o700)
+            src = OverlaySource(src.lowers, src.upper, work, src.other)
         if src.upper:
             top = _common_parent(src.upper, src.work)
             upper_fd = idmapped_clone(top, userns_fd)

@@ -142,6 +142,17 @@ def _mapping(linux: dict, owner: tuple | None) -> tuple[int, int, int, bool]:
     return u["hostID"], g["hostID"], u["size"], True
 
 
+def _can_lower_oom(value: int, own: int) -> bool:
+    try:
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(value))
+    except PermissionError:
+        return False
+    with open("/proc/self/oom_score_adj", "w") as f:
+        f.write(str(own))
+    return True
+
+
 def process_from_spec(proc: dict) -> Process:
     user = proc.get("user", {})
     caps = proc.get("capabilities", {})
@@ -170,7 +181,10 @@ def process_from_spec(proc: dict) -> Process:
             raise IsoboxError("process.oomScoreAdj must be an integer from -1000 to 1000")
         with open("/proc/self/oom_score_adj") as f:
             own = int(f.read())
-        if oom < own:
+        # The kernel's bound is the hidden oom_score_adj_min (what was inherited, e.g. the shim's
+        # parent's value), not our current value: containerd's shim raises itself by 1 without
+        # CAP_SYS_RESOURCE and may lower back. Probe it on ourselves, then restore.
+        if oom < own and not _can_lower_oom(oom, own):
             raise IsoboxError(f"process.oomScoreAdj {oom} is below the runtime's own oom_score_adj {own} "
                               "(lowering it needs CAP_SYS_RESOURCE in the host)")
     umask = proc.get("user", {}).get("umask")
