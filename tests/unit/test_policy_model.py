@@ -262,9 +262,9 @@ def test_bind_mounts_the_descriptor_it_checked(tmp_path, monkeypatch):
 
     real_check = check.bind_source
 
-    def spy_check(pol, source, fd):
+    def spy_check(pol, source, fd, **kw):
         checked.append(os.fstat(fd))
-        real_check(pol, source, fd)
+        real_check(pol, source, fd, **kw)
         # after the check, swap the symlink to /etc: the mount must not follow it
         os.unlink(tmp_path / "l")
         os.symlink("/etc", tmp_path / "l")
@@ -297,3 +297,18 @@ def test_bind_without_a_policy_on_the_mount_loads_it(tmp_path, monkeypatch):
     m = Mount("/mnt", "bind", str(tmp_path / "src"), mountopts.parse(["rbind"]))
     with pytest.raises(IsoboxError, match=f"refused by {f} \\(mounts.deny_extra: {tmp_path}/src\\)"):
         specmounts.bind(-1, m, -1, [])
+
+
+def test_engine_init_binary_only_as_a_read_only_file_bind():
+    """`docker run --init` binds /usr/bin/docker-init (Debian: -> tini-static) read-only."""
+    from isobox.policy import check
+    target = os.path.realpath("/usr/bin/docker-init")
+    if not os.path.exists(target) or target not in model.ENGINE_INIT_BINARIES:
+        pytest.skip("no docker-init here")
+    fd = os.open("/usr/bin/docker-init", os.O_PATH | os.O_CLOEXEC)
+    try:
+        check.bind_source(model.Policy(path="p"), "/usr/bin/docker-init", fd, readonly=True)
+        with pytest.raises(IsoboxError, match="mounts.deny: /usr"):
+            check.bind_source(model.Policy(path="p"), "/usr/bin/docker-init", fd)
+    finally:
+        os.close(fd)

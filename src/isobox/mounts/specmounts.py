@@ -41,7 +41,7 @@ def bind(rootfd: int, m: Mount, userns_fd: int, log: list[str]) -> None:
         raise IsoboxError(f"mount {m.destination}: bind source {src}: {e.strerror}") from None
     try:
         st = os.fstat(sfd)
-        check.bind_source(pol, src, sfd)
+        check.bind_source(pol, src, sfd, readonly=bool(mountopts.attr_flags(m.options.flags) & k.MOUNT_ATTR_RDONLY))
         is_dir = stat.S_ISDIR(st.st_mode)
         rec = k.AT_RECURSIVE if m.options.recursive_bind else 0
         tfd = _target(rootfd, m.destination, is_dir)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import stat
 
-from isobox.policy.model import Policy, _norm
+from isobox.policy.model import ENGINE_INIT_BINARIES, Policy, _norm
 
 _MAX_DEPTH = 256
 
@@ -79,13 +79,16 @@ def canonical_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
-def bind_source(policy: Policy, source: str, fd: int) -> None:
-    """Raise IsoboxError naming the rule if the object fd refers to may not be bind-mounted."""
+def bind_source(policy: Policy, source: str, fd: int, readonly: bool = False) -> None:
+    """Raise IsoboxError naming the rule if the object fd refers to may not be bind-mounted.
+    readonly: the bind is made read-only (and locked so): an engine's init binary may pass."""
     st = os.fstat(fd)
     canonical = canonical_path(fd)
     if canonical.endswith(" (deleted)") or not canonical.startswith("/"):
         raise policy.refusal(source, "the source is not reachable from the host's root", canonical)
     canonical = _norm(canonical)
+    if readonly and stat.S_ISREG(st.st_mode) and canonical in ENGINE_INIT_BINARIES:
+        return
     rule = policy.path_rule(canonical)
     if rule:
         raise policy.refusal(source, rule, canonical)

@@ -49,6 +49,11 @@ DEFAULT_ALLOW_BELOW = (
     "/var/lib/containers/storage/volumes/*/_data",
 )
 
+# The init binaries engines bind read-only themselves (`docker run --init`: docker-init, which
+# Debian links to tini-static; podman's catatonit): allowed below /usr only as read-only file binds.
+ENGINE_INIT_BINARIES = ("/usr/bin/docker-init", "/usr/bin/tini-static", "/usr/libexec/docker/docker-init",
+                        "/usr/bin/catatonit", "/usr/libexec/podman/catatonit")
+
 # Host nodes a spec may receive. OCI's six (null zero full random urandom tty) are always given.
 DEFAULT_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom", "/dev/tty",
                    "/dev/fuse", "/dev/net/tun")
