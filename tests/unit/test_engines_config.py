@@ -211,7 +211,7 @@ def test_podman_install_full_list_cgroupfs_default_and_round_trip():
     new, undo = podman.install_text(PODMAN, {}, default=True)
     assert "# site settings" in new and "# keep" in new
     e = tomllib.loads(new)["engine"]
-    assert e["runtimes"] == {"crun": ["/usr/bin/crun"], "isobox": [BIN]}
+    assert e["runtimes"] == {"crun": ["/usr/bin/crun"], "isobox": [BIN], "isobox-runc": [BIN]}
     assert e["runtime_supports_json"] == ["crun", "runc", "kata", "runsc", "youki", "krun", "ocijail",
                                           "isobox", "isobox-runc"]
     assert e["cgroup_manager"] == "cgroupfs" and e["runtime"] == "isobox" and e["events_logger"] == "file"

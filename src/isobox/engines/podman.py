@@ -77,11 +77,14 @@ def install_text(text: str | None, undo: dict, binary: str = c.RUNC_BINARY, defa
     rts = _walk(engine, ("runtimes",), create=False)
     if made:
         c.remember(undo, "tables", None, made)
-    cur = rts.get(c.RUNTIME_NAME)
-    if cur is None or list(cur) != [binary]:
-        arr = tomlkit.array()
-        arr.append(binary)
-        rts[c.RUNTIME_NAME] = arr
+    # by name ("--runtime isobox") and by the binary's bare name ("--runtime isobox-runc"):
+    # Podman looks names up in this table only, never on PATH
+    for name in (c.RUNTIME_NAME, os.path.basename(binary)):
+        cur = rts.get(name)
+        if cur is None or list(cur) != [binary]:
+            arr = tomlkit.array()
+            arr.append(binary)
+            rts[name] = arr
     return doc.as_string(), undo
 
 
@@ -95,6 +98,9 @@ def uninstall_text(text: str, undo: dict, where: str = DEFAULT_PATH) -> tuple[st
         if rts is not None and hasattr(rts, "keys") and c.RUNTIME_NAME in rts:
             binary = list(rts[c.RUNTIME_NAME])[:1]
             del rts[c.RUNTIME_NAME]
+            for b in binary:
+                if os.path.basename(b) in rts and list(rts[os.path.basename(b)]) == [b]:
+                    del rts[os.path.basename(b)]
             if len(rts) == 0 and "engine.runtimes" in made:
                 del engine["runtimes"]
         else:
