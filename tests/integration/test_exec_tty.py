@@ -1,5 +1,4 @@
 """exec and terminals: the contract containerd's shim and conmon rely on."""
-import array
 import fcntl
 import json
 import os

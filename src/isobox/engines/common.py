@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 
 from isobox.errors import IsoboxError
+from isobox.fileio import atomic_write  # noqa: F401  (re-exported for the engines)
 
 RUNTIME_NAME = "isobox"
 RUNC_BINARY = "/usr/local/bin/isobox-runc"
@@ -62,43 +62,23 @@ def backup_once(path: str) -> str | None:
     return bak
 
 
-def atomic_write(path: str, text: str, like: os.stat_result | None = None, mode: int = 0o644) -> None:
-    """Write through a temporary file in the same directory, fsync, then rename over `path`.
-
-    The new file keeps the mode and owner of `like` (or of the existing file)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, mode=0o755, exist_ok=True)
-    if like is None:
-        try:
-            like = os.stat(path)
-        except FileNotFoundError:
-            like = None
-    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            if like is not None:
-                os.fchmod(f.fileno(), like.st_mode & 0o7777)
-                try:
-                    os.fchown(f.fileno(), like.st_uid, like.st_gid)
-                except PermissionError:
-                    pass
-            else:
-                os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+def uninstall_file(engine: str, where: str, uninstall_text, reload: str, what: str) -> "Outcome":
+    """The shared uninstall of a TOML-configured engine: apply uninstall_text(text, undo, where),
+    delete the file if install had created it, and say what to reload."""
+    text = read_text(where)
+    if text is None:
+        return Outcome(engine, where, False, f"{where} does not exist; nothing changed")
+    undo = load_undo(where)
+    new, new_undo = uninstall_text(text, undo, where)
+    if new == text:
+        return Outcome(engine, where, False, f"{where} has no isobox entries; nothing changed")
+    if new is None:
+        os.unlink(where)
+        save_undo(where, new_undo)
+        return Outcome(engine, where, True, f"removed {where} (isobox install had created it)", reload)
+    commit(where, text, new, undo, new_undo)
+    return Outcome(engine, where, True, f"removed isobox from {where}", reload,
+                   [f"containers created with the isobox {what} cannot start again until isobox is installed"])
 
 
 def load_undo(path: str) -> dict:

@@ -167,18 +167,4 @@ def install(p: str | None = None, default: bool = False, binary: str = c.RUNC_BI
 
 
 def uninstall(p: str | None = None) -> c.Outcome:
-    where = path(p)
-    text = c.read_text(where)
-    if text is None:
-        return c.Outcome("podman", where, False, f"{where} does not exist; nothing changed")
-    undo = c.load_undo(where)
-    new, new_undo = uninstall_text(text, undo, where)
-    if new == text:
-        return c.Outcome("podman", where, False, f"{where} has no isobox entries; nothing changed")
-    if new is None:
-        os.unlink(where)
-        c.save_undo(where, new_undo)
-        return c.Outcome("podman", where, True, f"removed {where} (isobox install had created it)", RELOAD)
-    c.commit(where, text, new, undo, new_undo)
-    return c.Outcome("podman", where, True, f"removed isobox from {where}", RELOAD,
-                     ["containers created with the isobox runtime cannot start again until isobox is installed"])
+    return c.uninstall_file("podman", path(p), uninstall_text, RELOAD, "runtime")

@@ -6,8 +6,6 @@ in both files because every container gets one range used for uids and gids.
 """
 from __future__ import annotations
 
-import os
-import stat
 from dataclasses import dataclass
 
 RANGE_SIZE = 65536
@@ -131,34 +129,8 @@ def _read(path: str) -> str:
 
 def _write_atomic(path: str, text: str) -> None:
     """Replace path via temp file + rename, keeping its mode/owner (0644 if new)."""
-    import tempfile  # setup-only imports are local: read_pool is on every create's path
-    directory = os.path.dirname(os.path.abspath(path))
-    try:
-        st = os.stat(path)
-        mode, owner = stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)
-    except FileNotFoundError:
-        mode, owner = 0o644, None
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode)  # mkstemp creates 0600
-        if owner is not None and os.geteuid() == 0:
-            os.chown(tmp, *owner)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)  # make the rename durable
-    finally:
-        os.close(dfd)
+    from isobox.fileio import atomic_write  # setup-only: read_pool is on every create's path
+    atomic_write(path, text)
 
 
 def _ensure_user(user: str) -> None:

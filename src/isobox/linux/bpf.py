@@ -10,7 +10,7 @@ import ctypes
 import os
 import struct
 
-from isobox.linux.syscalls import _libc, _syscall  # one libc handle for all bindings
+from isobox.linux.syscalls import _syscall  # one libc handle for all bindings
 
 SYS_bpf = 321
 

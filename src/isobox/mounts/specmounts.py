@@ -9,7 +9,6 @@ their files show as nobody, never chowned.
 """
 from __future__ import annotations
 
-import errno
 import os
 import stat
 

@@ -218,20 +218,20 @@ def _devices(linux: dict, notes: list[str], pol=None) -> list[Device]:
 
 def _sysctl(linux: dict, join: dict[str, str]) -> dict[str, str]:
     out = {}
-    for key, val in (linux.get("sysctl") or {}).items():
-        if key in _IPC_SYSCTLS or key.startswith("fs.mqueue."):
+    for name, val in (linux.get("sysctl") or {}).items():
+        if name in _IPC_SYSCTLS or name.startswith("fs.mqueue."):
             ok = "ipc" not in join
-        elif key.startswith("net."):
+        elif name.startswith("net."):
             ok = "network" not in join
-        elif key in _UTS_SYSCTLS:
+        elif name in _UTS_SYSCTLS:
             ok = "uts" not in join
         else:
             ok = False
         if not ok:
-            raise IsoboxError(f"sysctl {key} is not namespaced to this container; isobox only sets namespaced sysctls")
+            raise IsoboxError(f"sysctl {name} is not namespaced to this container; isobox only sets namespaced sysctls")
         if not isinstance(val, str):
-            raise IsoboxError(f"sysctl {key}: value must be a string")
-        out[key] = val
+            raise IsoboxError(f"sysctl {name}: value must be a string")
+        out[name] = val
     return out
 
 
