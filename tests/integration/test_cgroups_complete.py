@@ -328,20 +328,22 @@ def test_bpf_device_program_denies_writes(env):
 # --- freezer ---------------------------------------------------------------------------
 
 LOOPER = r"""
-import sys, time
+import os, sys, time
 path = sys.argv[1]
 sys.stdin.readline()
 n = 0
 while True:
     n += 1
-    with open(path, "w") as f:
+    with open(path + ".tmp", "w") as f:     # rename: a reader never sees a half-written file
         f.write(str(n))
+    os.rename(path + ".tmp", path)
     time.sleep(0.005)
 """
 
 
 def _counter(path: str) -> int:
-    for _ in range(50):
+    deadline = time.monotonic() + 10      # the looper may start slowly on a loaded machine
+    while time.monotonic() < deadline:
         try:
             return int(_read(path))
         except (ValueError, FileNotFoundError):
