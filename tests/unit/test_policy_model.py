@@ -277,15 +277,15 @@ def test_bind_mounts_the_descriptor_it_checked(tmp_path, monkeypatch):
     monkeypatch.setattr(check, "bind_source", spy_check)
     monkeypatch.setattr(k, "open_tree", fake_open_tree)
     monkeypatch.setattr(specmounts, "_target", lambda rootfd, dest, d: os.open("/", os.O_PATH))
-    m = Mount("/mnt", "bind", str(tmp_path / "l"), mountopts.parse(["rbind"]), policy=P)
+    m = Mount("/mnt", "bind", str(tmp_path / "l"), mountopts.parse(["rbind"]))
     with pytest.raises(OSError, match="stop here"):
-        specmounts.bind(-1, m, -1, [])
+        specmounts.bind(-1, m, -1, [], P)
     assert len(checked) == len(cloned) == 1
     src = os.stat(tmp_path / "src")
     assert (checked[0].st_dev, checked[0].st_ino) == (cloned[0].st_dev, cloned[0].st_ino) == (src.st_dev, src.st_ino)
 
 
-def test_bind_without_a_policy_on_the_mount_loads_it(tmp_path, monkeypatch):
+def test_bind_enforces_the_loaded_policy(tmp_path, monkeypatch):
     from isobox.mounts import specmounts
     from isobox.spec import mountopts
     from isobox.spec.plan import Mount
@@ -296,7 +296,7 @@ def test_bind_without_a_policy_on_the_mount_loads_it(tmp_path, monkeypatch):
     monkeypatch.setenv(model.ENV, str(f))
     m = Mount("/mnt", "bind", str(tmp_path / "src"), mountopts.parse(["rbind"]))
     with pytest.raises(IsoboxError, match=f"refused by {f} \\(mounts.deny_extra: {tmp_path}/src\\)"):
-        specmounts.bind(-1, m, -1, [])
+        specmounts.bind(-1, m, -1, [], model.load())
 
 
 def test_engine_init_binary_only_as_a_read_only_file_bind():

@@ -45,7 +45,7 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
                 specmounts.cgroups(rootfd, m.destination, cgroup_inside[0], cgroup_inside[1], plan.uid_base,
                                    plan.gid_base)
             elif m.options.is_bind:
-                specmounts.bind(rootfd, m, ns_fds["user"], log)
+                specmounts.bind(rootfd, m, ns_fds["user"], log, plan.policy)
             else:
                 specmounts.filesystem(rootfd, m, plan.uid_base, plan.gid_base)
                 has_devpts |= m.type == "devpts" and m.destination == "/dev/pts"

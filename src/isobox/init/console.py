@@ -20,6 +20,15 @@ TIOCGPTPEER = 0x5441
 TIOCSCTTY = 0x540E
 
 
+def check_request(terminal: bool, console_socket: str | None, can_relay: bool) -> None:
+    """runc's rules: a tty needs a console socket unless the runtime stays in the foreground
+    to relay it; a console socket needs a tty."""
+    if terminal and not console_socket and not can_relay:
+        raise IsoboxError("cannot allocate tty if runc will detach without setting console socket")
+    if not terminal and console_socket:
+        raise IsoboxError("cannot use console socket if runc will not detach or allocate tty")
+
+
 def connect(path: str) -> _socket.socket:
     """Connect to the engine's console socket, before any namespace is entered."""
     from isobox.init.channel import connect_unix

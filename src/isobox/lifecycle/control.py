@@ -8,7 +8,7 @@ import time
 
 from isobox.errors import IsoboxError
 from isobox.spec.config import key
-from isobox.lifecycle.state import ContainerState, StateStore, alive, status
+from isobox.lifecycle.state import ContainerState, StateStore, alive, cgroup_of, status
 from isobox.linux import syscalls as k
 
 
@@ -119,12 +119,6 @@ def _signal_init(st: ContainerState, sig: int) -> None:
         os.close(pidfd)
 
 
-def _cgroup(st: ContainerState):
-    from isobox.cgroups.layout import detect
-    from isobox.cgroups.manager import ContainerCgroup
-    return ContainerCgroup(detect(), st.cgroup_path)
-
-
 def kill(store: StateStore, cid: str, sig: int, all_processes: bool = False) -> None:
     st = store.load(cid)
     if status(store, st) == "stopped":
@@ -132,7 +126,7 @@ def kill(store: StateStore, cid: str, sig: int, all_processes: bool = False) -> 
     if not all_processes:
         _signal_init(st, sig)
         return
-    for pid in _cgroup(st).pids():
+    for pid in cgroup_of(st).pids():
         try:
             os.kill(pid, sig)
         except ProcessLookupError:
@@ -144,14 +138,12 @@ def delete(store: StateStore, cid: str, force: bool = False, log=None) -> None:
     s = status(store, st)
     if s not in ("stopped", "created") and not force:
         raise IsoboxError(f"cannot delete container {cid} that is not stopped: {s}")
-    spec_hooks = _spec_hooks(store, cid)
+    spec_hooks = _spec_hooks(store, cid)     # read before _delete removes the saved config
+    _delete(store, cid, st)
     if spec_hooks.get("poststop"):
-        _delete(store, cid, st)
         # poststop: after the container is gone; a failure is only a warning
         from isobox.lifecycle import hooks
         hooks.run_warn("poststop", spec_hooks, hooks.state(cid, "stopped", st.pid, st.bundle, st.annotations), log)
-        return
-    _delete(store, cid, st)
 
 
 def _delete(store: StateStore, cid: str, st: ContainerState) -> None:
@@ -161,7 +153,7 @@ def _delete(store: StateStore, cid: str, st: ContainerState) -> None:
             _signal_init(st, signal.SIGKILL)
         except IsoboxError:
             pass
-    cg = _cgroup(st)
+    cg = cgroup_of(st)
     cg.destroy()
     _wait_gone(st)
     Allocator().release(Holder(store.root, key(cid)))

@@ -63,10 +63,8 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
     if store.exists(cid):
         raise IsoboxError(f"container with id {cid!r} already exists")
     plan = rewrite(cid, bundle, spec, owners.lookup(store))
-    if plan.process.terminal and not (console_socket or console_sock):
-        raise IsoboxError("cannot allocate tty if runc will detach without setting console socket")
-    if not plan.process.terminal and console_socket:
-        raise IsoboxError("cannot use console socket if runc will not detach or allocate tty")
+    from isobox.init import console
+    console.check_request(plan.process.terminal, console_socket, can_relay=console_sock is not None)
     store.reserve(cid)
     cleanup: list = [lambda: store.remove(cid)]
     try:
@@ -89,7 +87,6 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
         except CgroupError as e:
             raise IsoboxError(str(e)) from None
         if console_socket:
-            from isobox.init import console
             console_sock = console.connect(console_socket)
             cleanup.append(console_sock.close)
         fifo = store.fifo(cid)

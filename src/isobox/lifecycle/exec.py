@@ -9,30 +9,25 @@ import os
 import signal
 
 from isobox.errors import IsoboxError
-from isobox.lifecycle.state import StateStore, status
+from isobox.lifecycle import foreground
+from isobox.lifecycle.state import ContainerState, StateStore, cgroup_of, status
 from isobox.linux import syscalls as k
 from isobox.spec.plan import Process
 
 
-def exec_process(store: StateStore, cid: str, proc: Process, *, detach: bool, pid_file: str | None,
+def exec_process(store: StateStore, st: ContainerState, proc: Process, *, detach: bool, pid_file: str | None,
                  console_socket: str | None, preserve_fds: int, ignore_paused: bool = False,
                  seccomp=None) -> int:
-    from isobox.cgroups.layout import detect
-    from isobox.cgroups.manager import ContainerCgroup
     from isobox.init import exec_init
-    st = store.load(cid)
     s = status(store, st)
     if s == "stopped":
         raise IsoboxError("cannot exec in a stopped container")
     if s == "paused" and not ignore_paused:
         raise IsoboxError("cannot exec in a paused container (use --ignore-paused)")
-    if proc.terminal and not console_socket and detach:
-        raise IsoboxError("cannot allocate tty if runc will detach without setting console socket")
-    if not proc.terminal and console_socket:
-        raise IsoboxError("cannot use console socket if runc will not detach or allocate tty")
+    from isobox.init import console
+    console.check_request(proc.terminal, console_socket, can_relay=not detach)
     console_sock = relay_sock = None
     if console_socket:
-        from isobox.init import console
         console_sock = console.connect(console_socket)
     elif proc.terminal:
         from isobox.lifecycle import relay
@@ -42,7 +37,7 @@ def exec_process(store: StateStore, cid: str, proc: Process, *, detach: bool, pi
     report_r, report_w = os.pipe()
     if not detach:
         k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
-        signal.pthread_sigmask(signal.SIG_BLOCK, _FORWARD)
+        foreground.hold_signals()
     x = os.fork()
     if x == 0:
         os.close(go_w)
@@ -53,7 +48,7 @@ def exec_process(store: StateStore, cid: str, proc: Process, *, detach: bool, pi
     if console_sock is not None:
         console_sock.close()
     try:
-        ContainerCgroup(detect(), st.cgroup_path).add(x)
+        cgroup_of(st).add(x)
     except BaseException:
         os.kill(x, signal.SIGKILL)
         os.waitpid(x, 0)
@@ -66,25 +61,11 @@ def exec_process(store: StateStore, cid: str, proc: Process, *, detach: bool, pi
         write_pid_file(pid_file, pid)
     if detach:
         return 0
-    for sig in _FORWARD:
-        signal.signal(sig, lambda s, _f: _forward(pid, s))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _FORWARD)
+    master = None
     if relay_sock is not None:
         from isobox.lifecycle import relay
-        return relay.relay(relay.receive_master(relay_sock), pid, lambda s: _forward(pid, s))
-    from isobox.lifecycle.run import _wait
-    return _wait(pid)
-
-
-_FORWARD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-            signal.SIGWINCH)
-
-
-def _forward(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+        master = relay.receive_master(relay_sock)
+    return foreground.follow(pid, master)
 
 
 def _report(fd: int, helper: int) -> int:

@@ -39,9 +39,9 @@ def _copy_winsize(master: int) -> None:
         pass
 
 
-def relay(master: int, pid: int, forward) -> int:
+def relay(master: int, pid: int) -> int:
     """Copy stdin -> master and master -> stdout until pid exits; returns its exit code.
-    `forward(sig)` passes other signals on to the container."""
+    (SIGWINCH resizes the pty; the kernel passes it on to the foreground process group.)"""
     import termios
     import tty
     saved = None
@@ -97,4 +97,5 @@ def _reaped(pid: int) -> int | None:
         if wpid == 0:
             return None
         if wpid == pid:
-            return 128 + os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+            from isobox.lifecycle.foreground import exit_code
+            return exit_code(status)

@@ -128,6 +128,13 @@ def alive(st: ContainerState) -> bool:
     return st.pid > 0 and proc_starttime(st.pid) == st.starttime
 
 
+def cgroup_of(st: ContainerState):
+    """The container's cgroup across every hierarchy (imported only by those who need it)."""
+    from isobox.cgroups.layout import detect
+    from isobox.cgroups.manager import ContainerCgroup
+    return ContainerCgroup(detect(), st.cgroup_path)
+
+
 def status(store: StateStore, st: ContainerState) -> str:
     if not alive(st):
         return "stopped"

@@ -23,12 +23,18 @@ def last_cap() -> int:
         return len(NAMES) - 1
 
 
+def canonical(name: str) -> str:
+    """"sys_admin", "CAP_SYS_ADMIN" and "cap_sys_admin" all name CAP_SYS_ADMIN."""
+    up = name.upper()
+    return up if up.startswith("CAP_") else "CAP_" + up
+
+
 def to_mask(names: list[str] | None) -> int:
     """Turn a spec's capability list into a mask; unknown names raise ValueError."""
     mask = 0
     top = last_cap()
     for name in names or ():
-        n = NUMBERS.get(name.upper() if name.upper().startswith("CAP_") else "CAP_" + name.upper())
+        n = NUMBERS.get(canonical(name))
         if n is None:
             raise ValueError(f"unknown capability {name!r}")
         if n <= top:

@@ -29,10 +29,10 @@ def _target(rootfd: int, dest: str, directory: bool) -> int:
         raise IsoboxError(f"mount {dest}: cannot create the target inside the rootfs: {e.strerror}") from None
 
 
-def bind(rootfd: int, m: Mount, userns_fd: int, log: list[str]) -> None:
-    from isobox.policy import check, model
+def bind(rootfd: int, m: Mount, userns_fd: int, log: list[str], pol) -> None:
+    """pol: the isobox.policy.model.Policy in force (Plan.policy)."""
+    from isobox.policy import check
     src = m.source
-    pol = getattr(m, "policy", None) or model.load()
     # One descriptor is checked against the policy and is the one mounted (policy/check.py).
     try:
         sfd = os.open(src, os.O_PATH | os.O_CLOEXEC)

@@ -56,8 +56,9 @@ def build_process(config: dict, flags: dict, args: list[str]) -> dict:
         if not all(str(g).isdigit() for g in gids):
             raise IsoboxError("--additional-gids takes numeric group ids")
         proc["user"]["additionalGids"] = [int(g) for g in gids]
+    from isobox.linux.capabilities import canonical
     for cap in flags.get("cap") or []:
-        name = cap.upper() if cap.upper().startswith("CAP_") else "CAP_" + cap.upper()
+        name = canonical(cap)
         for key in ("bounding", "effective", "permitted"):
             caps = proc["capabilities"].setdefault(key, [])
             if name not in caps:
@@ -84,7 +85,7 @@ def exec_command(store, p, log) -> int:
     # the container's own profile (and isobox's trap), compiled before anything is entered
     sec = seccomp.prepare((config.get("linux") or {}).get("seccomp"), cid=st.id, bundle=st.bundle,
                           annotations=st.annotations, trap_socket=seccomp.trap_socket())
-    return exec_process(store, cid, proc, detach=bool(f.get("detach")),
+    return exec_process(store, st, proc, detach=bool(f.get("detach")),
                         pid_file=str(f["pid-file"]) if f.get("pid-file") else None,
                         console_socket=str(f["console-socket"]) if f.get("console-socket") else None,
                         preserve_fds=preserve_fds(f), ignore_paused=bool(f.get("ignore-paused")), seccomp=sec)

@@ -9,13 +9,7 @@ import sys
 import time
 
 from isobox.errors import IsoboxError
-from isobox.lifecycle.state import StateStore, status
-
-
-def _cgroup(st):
-    from isobox.cgroups.layout import detect
-    from isobox.cgroups.manager import ContainerCgroup
-    return ContainerCgroup(detect(), st.cgroup_path)
+from isobox.lifecycle.state import StateStore, cgroup_of, status
 
 
 def _cg_call(fn, *args):
@@ -30,7 +24,7 @@ def ps(store: StateStore, cid: str, fmt: str, ps_args: list[str]) -> None:
     st = store.load(cid)
     if status(store, st) == "stopped":
         raise IsoboxError("container not running")
-    pids = sorted(_cg_call(_cgroup(st).pids))
+    pids = sorted(_cg_call(cgroup_of(st).pids))
     if fmt == "json":
         sys.stdout.write(json.dumps(pids) + "\n")
         return
@@ -59,14 +53,14 @@ def pause(store: StateStore, cid: str) -> None:
     s = status(store, st)
     if s != "running":
         raise IsoboxError("container not running" if s != "paused" else "container already paused")
-    _cg_call(_cgroup(st).freeze)
+    _cg_call(cgroup_of(st).freeze)
 
 
 def resume(store: StateStore, cid: str) -> None:
     st = store.load(cid)
     if status(store, st) != "paused":
         raise IsoboxError("container not paused")
-    _cg_call(_cgroup(st).thaw)
+    _cg_call(cgroup_of(st).thaw)
 
 
 def _bytes(text: str, flag: str) -> int:
@@ -129,7 +123,7 @@ def update(store: StateStore, cid: str, flags: dict) -> None:
         res = resources_from_flags(flags)
         if not res:
             raise IsoboxError("update needs --resources FILE (or -) or at least one limit flag")
-    _cg_call(_cgroup(st).update, res)
+    _cg_call(cgroup_of(st).update, res)
     # keep the stored spec in step, so a later reader sees the limits in force
     config = store.load_config(st.id)
     merged = config.setdefault("linux", {}).setdefault("resources", {})
@@ -145,7 +139,7 @@ def events(store: StateStore, cid: str, stats_once: bool, interval: str) -> None
     st = store.load(cid)
     if status(store, st) == "stopped":
         raise IsoboxError("container not running")
-    cg = _cgroup(st)
+    cg = cgroup_of(st)
     period = _duration(interval)
     while True:
         sys.stdout.write(json.dumps({"type": "stats", "id": st.id, "data": _cg_call(cg.stats)}) + "\n")

@@ -13,7 +13,7 @@ from isobox.errors import IsoboxError
 
 _ID_RE = re.compile(r"^[\w+\-.]+$")
 # Longer ids than a path component allows (NAME_MAX) get a hashed directory name:
-# see lifecycle.state.key().
+# see key() below.
 MAX_ID_LEN = 1024
 
 

@@ -15,7 +15,6 @@ class Mount:
     type: str
     source: str
     options: MountOptions
-    policy: object = None  # isobox.policy.model.Policy checked at bind time (None: load it then)
 
 
 @dataclass

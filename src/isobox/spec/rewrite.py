@@ -198,9 +198,7 @@ def process_from_spec(proc: dict) -> Process:
         terminal=bool(proc.get("terminal", False)))
 
 
-def _devices(linux: dict, notes: list[str], pol=None) -> list[Device]:
-    from isobox.policy import model
-    pol = pol or model.load()
+def _devices(linux: dict, notes: list[str], pol) -> list[Device]:
     allowed = pol.device_map()
     out = {f"/dev/{n}": Device(f"/dev/{n}", f"/dev/{n}") for n in DEFAULT_DEVICES}
     for d in linux.get("devices", []) or []:
@@ -235,7 +233,7 @@ def _sysctl(linux: dict, join: dict[str, str]) -> dict[str, str]:
     return out
 
 
-def _mounts(spec: dict, pol=None) -> list[Mount]:
+def _mounts(spec: dict) -> list[Mount]:
     out = []
     for m in spec.get("mounts", []) or []:
         opts = mountopts.parse(m.get("options", []))
@@ -250,8 +248,7 @@ def _mounts(spec: dict, pol=None) -> list[Mount]:
             raise IsoboxError(f"mount {m['destination']}: bind source {src!r} must be an absolute path")
         if not mtype:
             raise IsoboxError(f"mount {m['destination']}: no type given")
-        out.append(Mount(os.path.normpath(m["destination"]), mtype, src, opts,
-                         policy=pol if opts.is_bind else None))
+        out.append(Mount(os.path.normpath(m["destination"]), mtype, src, opts))
     return out
 
 
@@ -289,7 +286,7 @@ def rewrite(cid: str, bundle: str, spec: dict, find_owner: OwnerLookup) -> Plan:
         id=cid, bundle=bundle, rootfs=rootfs, readonly_root=bool(spec["root"].get("readonly")),
         new_namespaces=new_flags, join_namespaces=join, join_user=join_user, shares_userns_of=shares,
         uid_base=uid_base, gid_base=gid_base, id_size=size, explicit_mapping=explicit,
-        mounts=_mounts(spec, pol), masked_paths=masked, readonly_paths=readonly,
+        mounts=_mounts(spec), masked_paths=masked, readonly_paths=readonly,
         devices=_devices(linux, notes, pol),
         hostname=hostname, domainname=spec.get("domainname", "") or "", sysctl=_sysctl(linux, join),
         cgroups_path=_cgroups_path(cid, linux), resources=linux.get("resources") or {},
