@@ -18,3 +18,14 @@ def proc_starttime(pid: int) -> int | None:
         return int(rest[22 - 3])  # rest[0] is field 3
     except (IndexError, ValueError):
         return None
+
+
+def host_pid() -> int:
+    """Our pid in the procfs mounted at /proc: the host's pid while /proc is still the host's
+    (the container init and exec'd processes ask before they enter the container's mount
+    namespace). 0 if /proc cannot tell."""
+    import os
+    try:
+        return int(os.readlink("/proc/self"))
+    except (OSError, ValueError):
+        return 0

@@ -25,8 +25,9 @@ def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool, console_sock=None, p
         hook_state = None
         if plan.hooks.get("startContainer"):
             # imported and prepared while the host's files and /proc are still in view
+            from isobox.ids.procinfo import host_pid
             from isobox.lifecycle import hooks
-            hook_state = hooks.state(plan.id, "created", hooks.host_pid(), plan.bundle, plan.annotations)
+            hook_state = hooks.state(plan.id, "created", host_pid(), plan.bundle, plan.annotations)
         channel.recv(sock, "runtime")                    # maps written, cgroup joined
         if new_cgroupns:
             k.unshare(k.CLONE_NEWCGROUP)                  # root = the container's cgroup

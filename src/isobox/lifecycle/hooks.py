@@ -280,16 +280,6 @@ def _as_container_root(hook: dict) -> None:
     _exec_plain(hook)
 
 
-def host_pid() -> int:
-    """The caller's pid as the runtime sees it (first NSpid field in the runtime's /proc): the
-    init reads it before it enters the container's mount namespace."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[1])
-    return os.getpid()
-
-
 def run_start_container(hooks: dict, state_json: bytes, fifo_fd: int) -> None:
     """In the container's init, before credentials and exec. A failure is written to the start
     FIFO (so `start` can report it) and raised; the init then exits without exec."""

@@ -39,6 +39,7 @@ import _socket  # not socket.py: it costs ~5 ms of imports on every create
 import array
 
 from isobox.errors import IsoboxError
+from isobox.ids.procinfo import host_pid as _host_pid
 from isobox.seccomp.profile import TRAPPED, Profile, merge_trap, parse  # noqa: F401  (re-exported)
 
 TRAP_SOCKET_ENV = "ISOBOX_SECCOMP_TRAP_SOCKET"
@@ -99,14 +100,6 @@ def prepare(spec_seccomp: dict | None, *, cid: str = "", bundle: str = "", annot
 def _connect(path: str) -> _socket.socket:
     from isobox.init.channel import connect_unix
     return connect_unix(path, "the seccomp listener socket")
-
-
-def _host_pid() -> int:
-    """Our pid in the host's procfs: right while /proc is still the host's (before setns)."""
-    try:
-        return int(os.readlink("/proc/self"))
-    except (OSError, ValueError):
-        return 0
 
 
 class Installer:
