@@ -62,6 +62,16 @@ def _idmap_check(path: str) -> tuple[str, str]:
         os.waitpid(pid, 0)
 
 
+def _isoboxd() -> tuple[str, str, str]:
+    from isobox.daemon import client, paths
+    if client.running():
+        r = client.call({"op": "stats"})
+        return ("isoboxd", OK, f"running, {r['containers']} containers, RSS {r['rss_kib']} KiB; FUSE at {paths.FS_ROOT}")
+    if client.holder_alive():
+        return ("isoboxd", WARN, f"holder alive but the server does not answer; see {paths.LOG}")
+    return ("isoboxd", OK, "not running; isobox-runc starts it on the first create (or run `isobox daemon`)")
+
+
 def checks() -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
     n = _read("/proc/sys/user/max_user_namespaces")
@@ -73,8 +83,9 @@ def checks() -> list[tuple[str, str, str]]:
     actions = _read("/proc/sys/kernel/seccomp/actions_avail")
     out.append(("seccomp user-notify", OK if "user_notif" in actions else FAIL,
                 "available" if "user_notif" in actions else "the kernel lacks SECCOMP_RET_USER_NOTIF (needs >= 5.0)"))
-    out.append(("FUSE", OK if os.path.exists("/dev/fuse") else WARN,
+    out.append(("FUSE", OK if os.path.exists("/dev/fuse") else FAIL,
                 "/dev/fuse present" if os.path.exists("/dev/fuse") else "modprobe fuse (needed by isoboxd)"))
+    out.append(_isoboxd())
     from isobox.cgroups.layout import detect
     layout = detect()
     names = ", ".join(",".join(h.controllers) or "(v2)" for h in layout.hierarchies)

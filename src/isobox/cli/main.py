@@ -16,6 +16,8 @@ USAGE = """usage: isobox COMMAND
                              --default makes it their default runtime; prints what to reload
   uninstall [--docker] [--containerd] [--podman]
                              remove what install added (the .isobox-backup files stay)
+  daemon [--status | --stop [--force]]
+                             run isoboxd in the foreground (for service managers), show or stop it
   demo                       run a privileged container and show what it believes next to what the host sees
 """
 
@@ -111,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd in ("install", "uninstall"):
             from isobox.engines.install import run as engines_run
             return engines_run(rest, uninstall=cmd == "uninstall")
+        if cmd == "daemon":
+            from isobox.cli.daemon import daemon
+            return daemon(rest)
         if cmd == "demo":
             from isobox.cli.demo import demo
             return demo()

@@ -9,7 +9,7 @@ import os
 from collections.abc import Callable
 
 from isobox.linux import syscalls as k
-from isobox.mounts import dev, masks, pivot, resolve, rootfs, specmounts
+from isobox.mounts import dev, emulation, masks, pivot, resolve, rootfs, specmounts
 from isobox.spec.plan import Plan
 
 
@@ -50,7 +50,8 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
                 specmounts.filesystem(rootfd, m, plan.uid_base, plan.gid_base)
                 has_devpts |= m.type == "devpts" and m.destination == "/dev/pts"
         dev.populate(rootfd, plan.devices, has_devpts)
-    _sysctl(rootfd, plan.sysctl)
+    _sysctl(rootfd, plan.sysctl)        # through the kernel's /proc/sys, before isoboxd's covers it
+    emulation.bind(rootfd, plan.emulation)
     masks.mask(rootfd, plan.masked_paths)
     masks.readonly(rootfd, plan.readonly_paths)
     os.close(rootfd)

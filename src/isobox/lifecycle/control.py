@@ -157,6 +157,8 @@ def _delete(store: StateStore, cid: str, st: ContainerState) -> None:
     cg.destroy()
     _wait_gone(st)
     Allocator().release(Holder(store.root, key(cid)))
+    from isobox.daemon import client
+    client.unregister(client.daemon_key(store.root, cid))
     store.remove(cid)
 
 

@@ -53,6 +53,17 @@ def _freezer_file(cg) -> str:
         return ""
 
 
+def _register(root: str, plan: Plan, cg, cleanup: list) -> None:
+    """Registers with isoboxd (starting it if needed); the builder binds its files."""
+    from isobox.daemon import client, paths
+    dirs = {c: d for c in ("memory", "cpu", "cpuacct", "cpuset", "blkio", "io", "pids", "")
+            if (d := cg.dir(c)) is not None}
+    k = client.daemon_key(root, plan.id)
+    client.register(k, plan.id, plan.uid_base, plan.gid_base, dirs)
+    cleanup.append(lambda: client.unregister(k))
+    plan.emulation = paths.emulated(k)
+
+
 def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None,
            log=None, console_socket: str | None = None, console_sock=None,
            preserve_fds: int = 0) -> ContainerState:
@@ -86,6 +97,7 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
             cg.create(plan.resources, (plan.uid_base, plan.gid_base))
         except CgroupError as e:
             raise IsoboxError(str(e)) from None
+        _register(store.root, plan, cg, cleanup)
         if console_socket:
             console_sock = console.connect(console_socket)
             cleanup.append(console_sock.close)
@@ -116,6 +128,8 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
             cgroup_path=plan.cgroups_path, rootfs_method=launched.rootfs_method,
             shares_userns_of=plan.shares_userns_of, freezer=_freezer_file(cg))
         alloc.set_init(holder, st.pid, st.starttime)
+        from isobox.daemon import client
+        client.set_init(client.daemon_key(store.root, cid), st.pid, st.starttime)
         store.save_config(cid, spec)
         store.save(st)
         if pid_file:

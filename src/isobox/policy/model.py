@@ -13,6 +13,10 @@ than tomllib.
     [devices]
     allow = [...]                    # host device nodes a spec (privileged or not) may receive
 
+    [sysctl]
+    max_push = false                 # true: a container raising fs.file-max, nf_conntrack_max ... above
+                                     # the host's value raises the host's too (Sysbox's max-push)
+
 Path rules for a bind source (its canonical path, symlinks resolved by the kernel):
 refused if it IS a denied path, lies BELOW one (unless inside an allow_below subtree), or
 is an ANCESTOR of one (binding /var exposes /var/lib/docker). "/" is denied as itself only:
@@ -61,6 +65,7 @@ DEFAULT_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/u
 _KEYS = {
     "mounts": {"deny": "paths", "deny_extra": "paths", "allow_below": "paths", "writable_idmapped_binds": "bool"},
     "devices": {"allow": "paths"},
+    "sysctl": {"max_push": "bool"},
 }
 
 
@@ -93,6 +98,7 @@ class Policy:
     allow_below: tuple[str, ...] = DEFAULT_ALLOW_BELOW
     writable_idmapped_binds: bool = True
     devices: tuple[str, ...] = DEFAULT_DEVICES
+    sysctl_max_push: bool = False             # isoboxd may raise a host-global sysctl a container raised
 
     def denied(self) -> list[tuple[str, str]]:
         """(rule key, path) for every denied path."""
@@ -216,7 +222,7 @@ def _from_data(data: dict, path: str) -> Policy:
         path=path, deny=vals.get("mounts.deny", DEFAULT_DENY), deny_extra=vals.get("mounts.deny_extra", ()),
         allow_below=vals.get("mounts.allow_below", DEFAULT_ALLOW_BELOW),
         writable_idmapped_binds=vals.get("mounts.writable_idmapped_binds", True),
-        devices=vals.get("devices.allow", DEFAULT_DEVICES))
+        devices=vals.get("devices.allow", DEFAULT_DEVICES), sysctl_max_push=vals.get("sysctl.max_push", False))
 
 
 def load(path: str | None = None) -> Policy:

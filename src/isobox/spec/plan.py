@@ -80,3 +80,5 @@ class Plan:
     hooks: dict = field(default_factory=dict)        # kind -> [{path, args, env, timeout}] (lifecycle/hooks.py)
     seccomp: object = None                           # isobox.seccomp.Seccomp (compiled filter) or None
     seccomp_trap_socket: str = ""                    # isoboxd's socket for the trap's listener fd; "" = trap off
+    emulation: list = field(default_factory=list)    # (host source, container path): isoboxd's files,
+                                                     # set by create once the container is registered

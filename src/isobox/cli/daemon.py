@@ -1,0 +1,61 @@
+"""`isobox daemon`: run isoboxd in the foreground (service managers), stop it, or show it."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from isobox.daemon import client, paths
+from isobox.errors import IsoboxError
+
+STOP_TIMEOUT = 10.0
+
+
+def daemon(argv: list[str]) -> int:
+    if not argv:
+        from isobox.daemon.holder import run
+        return run()
+    if argv == ["--status"]:
+        return status()
+    if argv in (["--stop"], ["--stop", "--force"]):
+        return stop(force="--force" in argv)
+    raise IsoboxError(f"unknown arguments {' '.join(argv)!r}: use `isobox daemon [--status | --stop [--force]]`")
+
+
+def status() -> int:
+    if not client.running():
+        print("isoboxd: not running" + (" (holder alive, server restarting)" if client.holder_alive() else ""))
+        return 1
+    r = client.call({"op": "stats"})
+    ping = client.call({"op": "ping"})
+    print(f"isoboxd: running, holder pid {_read(paths.HOLDER_PID)}, server pid {ping['pid']} "
+          f"(generation {ping['generation']}), {r['containers']} containers, RSS {r['rss_kib']} KiB")
+    return 0
+
+
+def stop(force: bool = False) -> int:
+    if not client.holder_alive():
+        print("isoboxd: not running")
+        return 0
+    if not force and client.running():
+        n = client.call({"op": "stats"})["containers"]
+        if n:
+            raise IsoboxError(f"{n} containers use isoboxd: their /proc files would fail until they are "
+                              f"recreated; delete them first or use --stop --force")
+    pid = int(_read(paths.HOLDER_PID))
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while client.holder_alive():
+        if time.monotonic() > deadline:
+            raise IsoboxError(f"isoboxd (pid {pid}) did not stop within {STOP_TIMEOUT:g}s")
+        time.sleep(0.02)
+    print(f"isoboxd: stopped (pid {pid})")
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "0"

@@ -1,0 +1,126 @@
+"""isobox-runc's side of isoboxd: start it when it is not running, register, unregister.
+
+Imported on every create and delete, so only socket, json and os."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+
+from isobox.daemon import paths
+from isobox.errors import IsoboxError
+
+START_TIMEOUT = 10.0
+
+
+def call(req: dict, timeout: float = 5.0) -> dict:
+    """One request, one reply (JSON lines). Raises OSError when the server is not reachable."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        s.connect(paths.SOCKET)
+        s.sendall(json.dumps(req).encode() + b"\n")
+        buf = b""
+        while not buf.endswith(b"\n"):
+            chunk = s.recv(65536)
+            if not chunk:
+                raise ConnectionError("isoboxd closed the connection")
+            buf += chunk
+    finally:
+        s.close()
+    reply = json.loads(buf)
+    if not reply.get("ok"):
+        raise IsoboxError(f"isoboxd: {reply.get('error', 'request refused')}")
+    return reply
+
+
+def running() -> bool:
+    try:
+        call({"op": "ping"}, timeout=2.0)
+        return True
+    except OSError:
+        return False
+
+
+def holder_alive() -> bool:
+    """The holder holds an exclusive flock on LOCK while it lives."""
+    import fcntl
+    try:
+        fd = os.open(paths.LOCK, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def start_detached() -> None:
+    """Starts the holder in its own session with no inherited stdio or fds (it moves itself
+    into its own cgroup), and returns at once; the caller waits for the socket."""
+    from isobox.daemon.holder import python_command
+    cmd = python_command("isobox.daemon.holder")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            # the caller (a foreground `run`) may hold signals blocked: a daemon must not inherit that
+            import signal
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            os.setsid()
+            if os.fork() != 0:
+                os._exit(0)
+            null = os.open("/dev/null", os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.closerange(3, 65536)
+            os.chdir("/")
+            os.execve(cmd[0], cmd, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
+        finally:
+            os._exit(127)
+    os.waitpid(pid, 0)
+
+
+def ensure_running() -> None:
+    if running():
+        return
+    if not holder_alive():
+        start_detached()
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if running():
+            return
+        time.sleep(0.02)
+    raise IsoboxError(f"isoboxd did not start within {START_TIMEOUT:g}s; see {paths.LOG}, "
+                      f"or run `isobox daemon` in the foreground")
+
+
+def daemon_key(root: str, cid: str) -> str:
+    """The container's directory name below FS_ROOT: unique across state roots (containerd
+    namespaces may reuse an id), readable, and short enough for any valid id."""
+    import hashlib
+    digest = hashlib.sha256(f"{os.path.abspath(root)}\0{cid}".encode()).hexdigest()[:12]
+    return f"{cid[:64]}.{digest}"
+
+
+def register(key: str, cid: str, uid_base: int, gid_base: int, cgroups: dict[str, str]) -> str:
+    """Registers a container; returns its directory below FS_ROOT."""
+    ensure_running()
+    call({"op": "register", "key": key, "id": cid, "uid_base": uid_base, "gid_base": gid_base,
+          "cgroups": cgroups})
+    return f"{paths.FS_ROOT}/{key}"
+
+
+def set_init(key: str, pid: int, start: int) -> None:
+    call({"op": "set_init", "key": key, "init_pid": pid, "init_start": start})
+
+
+def unregister(key: str) -> None:
+    """Best effort: a server that is down forgets dead containers on its own (its GC)."""
+    try:
+        call({"op": "unregister", "key": key}, timeout=2.0)
+    except (OSError, IsoboxError):
+        pass

@@ -1,0 +1,1 @@
+"""The emulated /proc and /sys files, served over one FUSE connection."""

@@ -1,0 +1,159 @@
+"""isoboxd's holder: the process that owns the FUSE connection and keeps the server alive.
+
+Locked FUSE mounts inside containers can never be unmounted or replaced, so the /dev/fuse
+connection behind them must outlive any server process. The holder opens /dev/fuse, mounts
+FS_ROOT, and runs the server as its child with the fd inherited; when the server dies
+(crash, kill -9, upgrade: SIGHUP) it starts a new one on the same fd, which asks the kernel
+to resend what was in flight. The holder does nothing else, so there is little in it to
+crash. It is never the parent of a container's processes."""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from isobox.daemon import paths
+from isobox.linux import syscalls as k
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _mounted(path: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == path for line in f)
+
+
+def _mount(fd: int) -> None:
+    os.makedirs(paths.FS_ROOT, 0o711, exist_ok=True)
+    if _mounted(paths.FS_ROOT):
+        # left by a holder that died: its connection is gone with it
+        k.umount2(paths.FS_ROOT, k.MNT_DETACH)
+    k.mount("isoboxd", paths.FS_ROOT, "fuse.isoboxd", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
+            f"fd={fd},rootmode=40711,user_id=0,group_id=0,allow_other,default_permissions")
+
+
+def _own_cgroup() -> object | None:
+    """Leaves the caller's cgroup (an engine's shim, a test) for /isoboxd in every hierarchy,
+    so stopping whoever started us does not stop the daemon."""
+    try:
+        from isobox.cgroups.layout import detect
+        from isobox.cgroups.manager import ContainerCgroup
+        cg = ContainerCgroup(detect(), paths.CGROUP)
+        if not cg.exists():
+            cg.create({})
+        cg.add(os.getpid())
+        return cg
+    except Exception as e:  # noqa: BLE001 - a daemon in the caller's cgroup still works
+        print(f"isoboxd: staying in the caller's cgroup: {e}", file=sys.stderr)
+        return None
+
+
+def _leave_cgroup(cg) -> None:
+    if cg is None:
+        return
+    for h in cg.layout.hierarchies:
+        try:
+            with open(os.path.join(h.mountpoint, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+            os.rmdir(cg._host_dir(h))
+        except OSError:
+            pass
+
+
+def python_command(module: str) -> list[str]:
+    """Runs module.main() in a fresh interpreter. -I: no user site, no environment; the
+    caller's sys.path is passed on explicitly (the wrappers run with -S)."""
+    boot = f"import sys; sys.path[:0] = {sys.path!r}; from {module} import main; main()"
+    return [sys.executable, "-I", "-c", boot]
+
+
+def run() -> int:
+    os.makedirs(paths.RUN_DIR, 0o711, exist_ok=True)
+    lock = os.open(paths.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"isoboxd: already running (pid {_read(paths.HOLDER_PID)})", file=sys.stderr)
+        return 1
+    stop = False
+    child: subprocess.Popen | None = None
+
+    def on_stop(_sig, _frame) -> None:
+        nonlocal stop
+        stop = True
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    def on_hup(_sig, _frame) -> None:       # upgrade: a new server takes over the connection
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+
+    for s in STOP_SIGNALS:
+        signal.signal(s, on_stop)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])     # inherited blocks would make us unstoppable
+    signal.signal(signal.SIGHUP, on_hup)
+    cg = _own_cgroup()
+    fuse = os.open("/dev/fuse", os.O_RDWR)   # inherited by each server
+    for stale in (paths.DB, paths.DB + "-wal", paths.DB + "-shm", paths.SOCKET):
+        try:
+            os.unlink(stale)                  # a new connection: old node ids mean nothing
+        except FileNotFoundError:
+            pass
+    _mount(fuse)
+    _write(paths.HOLDER_PID, str(os.getpid()))
+    log = os.open(paths.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    generation, quick_deaths = 0, 0
+    try:
+        while not stop:
+            env = {"ISOBOXD_FUSE_FD": str(fuse), "ISOBOXD_GENERATION": str(generation), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+            started = time.monotonic()
+            child = subprocess.Popen(python_command("isobox.daemon.server"), pass_fds=(fuse,), env=env, stdin=subprocess.DEVNULL,
+                                     stdout=log, stderr=log)
+            while True:
+                try:
+                    child.wait()
+                    break
+                except InterruptedError:
+                    continue
+            generation += 1
+            quick_deaths = quick_deaths + 1 if time.monotonic() - started < 1 else 0
+            if quick_deaths >= 5 and not stop:
+                time.sleep(1)                 # a server that cannot start: do not spin
+    finally:
+        try:
+            k.umount2(paths.FS_ROOT, k.MNT_DETACH)
+        except OSError:
+            pass
+        for f in (paths.HOLDER_PID, paths.SERVER_PID, paths.SOCKET):
+            try:
+                os.unlink(f)
+            except FileNotFoundError:
+                pass
+        _leave_cgroup(cg)
+    return 0
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def _write(path: str, text: str) -> None:
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
+
+def main() -> None:
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()

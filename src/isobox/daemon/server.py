@@ -1,0 +1,188 @@
+"""isoboxd's server: the FUSE workers, the registration socket and the background threads.
+
+Started (and restarted) by the holder with the /dev/fuse fd inherited. Generation 0
+answers the kernel's INIT; a later generation adopts the live connection and asks the
+kernel to resend the requests its predecessor had read but not answered."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socketserver
+import sys
+import threading
+import time
+
+from isobox.daemon import paths
+from isobox.daemon.fs import proto
+from isobox.daemon.fs.context import Container, boottime
+from isobox.daemon.fs.filesystem import FRESH, Filesystem
+from isobox.daemon.fs.loop import Loop, init_reply
+from isobox.daemon.store import Store
+
+WORKERS = 4
+GC_EVERY = 5.0
+log = logging.getLogger("isoboxd")
+
+
+class Server:
+    def __init__(self, fuse_fd: int, generation: int):
+        self.fd = fuse_fd
+        self.generation = generation
+        self.store = Store(paths.DB)
+        self.fs = Filesystem(self.store, lambda b: os.write(self.fd, b), allow_push=_allow_push())
+        from isobox.daemon.fs.loadavg import LoadTracker
+        self.fs.loads = LoadTracker()
+        self.loop = Loop(fuse_fd, self.fs)
+
+    # -- requests on the registration socket --
+    def handle(self, req: dict) -> dict:
+        op = req.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid(), "generation": self.generation}
+        if op == "register":
+            c = Container(key=req["key"], id=req["id"], uid_base=int(req["uid_base"]), gid_base=int(req["gid_base"]),
+                          cgroups=dict(req["cgroups"]), created=boottime())
+            self.fs.unregister(c.key)          # a stale entry of a container that reused the id
+            self.fs.register(c)
+            return {"ok": True, "dir": f"{paths.FS_ROOT}/{c.key}"}
+        if op == "set_init":
+            idx = self.fs.by_key.get(req["key"])
+            if idx is None:
+                return {"ok": False, "error": f"container {req['key']} is not registered"}
+            c = self.fs.by_idx[idx]
+            c.init_pid, c.init_start = int(req["init_pid"]), int(req.get("init_start", 0))
+            self.fs.save(c)
+            return {"ok": True}
+        if op == "unregister":
+            return {"ok": True, "found": self.fs.unregister(req["key"])}
+        if op == "list":
+            return {"ok": True, "containers": [c.__dict__ for c in self.fs.by_idx.values()]}
+        if op == "stats":
+            return {"ok": True, "containers": len(self.fs.by_idx), "rss_kib": _rss_kib(),
+                    "snapshots": len(self.fs.snaps)}
+        return {"ok": False, "error": f"unknown request {op!r}"}
+
+    def serve_socket(self) -> None:
+        server = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                try:
+                    line = self.rfile.readline(1 << 20)
+                    reply = server.handle(json.loads(line))
+                except Exception as e:  # noqa: BLE001 - a bad request gets an answer, not a crash
+                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+                self.wfile.write(json.dumps(reply).encode() + b"\n")
+
+        class Sock(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+            daemon_threads = True
+
+        tmp = f"{paths.SOCKET}.{os.getpid()}"
+        old = os.umask(0o077)
+        try:
+            sock = Sock(tmp, Handler)
+        finally:
+            os.umask(old)
+        os.rename(tmp, paths.SOCKET)          # clients never see a socket nobody listens on
+        sock.serve_forever()
+
+    # -- background --
+    def notifier(self) -> None:
+        while True:
+            time.sleep(FRESH / 2)
+            self.fs.sweep()
+
+    def gc(self) -> None:
+        """Forgets containers whose init is gone (a runtime killed between create and delete
+        never unregisters) and samples the load averages."""
+        while True:
+            time.sleep(GC_EVERY)
+            try:
+                for c in list(self.fs.by_idx.values()):
+                    if _dead(c):
+                        log.info("forgetting container %s: its init is gone", c.id)
+                        self.fs.unregister(c.key)
+                self.fs.loads.sample()
+            except Exception:  # noqa: BLE001
+                log.exception("gc")
+
+    def run(self) -> None:
+        if self.generation == 0:
+            self._init()
+        for _ in range(WORKERS):
+            threading.Thread(target=self._worker, daemon=True).start()
+        if self.generation > 0:
+            # requests the previous server read but never answered are queued again
+            try:
+                os.write(self.fd, proto.notify(proto.NOTIFY_RESEND, b""))
+            except OSError as e:
+                log.warning("resend failed (kernel older than 6.9?): %s", e)
+        for target in (self.notifier, self.gc, self.serve_socket):
+            threading.Thread(target=target, daemon=True).start()
+        _write_pid()
+        log.info("serving generation %d with %d containers", self.generation, len(self.fs.by_idx))
+        self.loop.stopped.wait()
+
+    def _init(self) -> None:
+        while True:
+            req = os.read(self.fd, proto.READ_BUFFER)
+            _len, op, unique = proto.IN_HEADER.unpack_from(req)[:3]
+            if op == proto.INIT:
+                out, minor = init_reply(unique, req[proto.IN_HEADER.size:])
+                os.write(self.fd, out)
+                log.info("FUSE protocol 7.%d", minor)
+                return
+            os.write(self.fd, proto.error(unique, 5))
+
+    def _worker(self) -> None:
+        try:
+            self.loop.serve()
+        except Exception:  # noqa: BLE001
+            log.exception("worker died")
+            self.loop.stopped.set()
+
+
+def _dead(c: Container) -> bool:
+    if c.init_pid <= 0:
+        return boottime() - c.created > 120       # create never finished
+    try:
+        with open(f"/proc/{c.init_pid}/stat") as f:
+            start = int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return True
+    return bool(c.init_start) and start != c.init_start
+
+
+def _allow_push() -> bool:
+    try:
+        from isobox.policy import model
+        return model.load().sysctl_max_push
+    except Exception:  # noqa: BLE001 - an unreadable policy means the safe default
+        return False
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def _write_pid() -> None:
+    tmp = f"{paths.SERVER_PID}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.rename(tmp, paths.SERVER_PID)
+
+
+def main() -> None:
+    logging.basicConfig(stream=sys.stderr, level=logging.INFO,
+                        format="%(asctime)s isoboxd[%(process)d] %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    fd = int(os.environ["ISOBOXD_FUSE_FD"])
+    Server(fd, int(os.environ.get("ISOBOXD_GENERATION", "0"))).run()
+    # the connection is gone (unmounted): tell the holder not to restart us
+    os.kill(os.getppid(), signal.SIGTERM)

@@ -1,0 +1,249 @@
+"""The /proc/sys backend against real user, net, uts, ipc and pid namespaces."""
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from isobox.daemon.fs import sysctl as S
+from isobox.daemon.fs import sysctl_table as T
+from isobox.daemon.fs.context import Container
+from isobox.linux import syscalls as sc
+
+BASE = 300000
+NS = sc.CLONE_NEWUSER | sc.CLONE_NEWNET | sc.CLONE_NEWIPC | sc.CLONE_NEWUTS | sc.CLONE_NEWPID
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
+
+
+def host(rel: str) -> str:
+    with open(f"/proc/sys/{rel}") as f:
+        return f.read()
+
+
+@contextmanager
+def reader(uid: int = 0, inner_netns: bool = False) -> Iterator[int]:
+    """A process in fresh user/net/ipc/uts/pid namespaces, uid `uid` inside (host BASE+uid).
+
+    Yields the host pid of the reader: pid 1 of the new pid namespace, or with inner_netns
+    its child that did `unshare -n` once more."""
+    go_r, go_w = os.pipe()
+    up_r, up_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(go_w)
+            os.close(up_r)
+            sc.unshare(NS)
+            os.write(up_w, b"u")
+            os.read(go_r, 1)
+            os.setresgid(uid, uid, uid)
+            os.setgroups([])
+            os.setresuid(0, 0, 0)          # become the namespace's root first, so that moving
+            os.setresuid(uid, uid, uid)    # on to a non-zero uid drops every capability
+            pid1 = os.fork()
+            if pid1 == 0:
+                target = os.getpid()
+                if inner_netns and os.fork() == 0:
+                    sc.unshare(sc.CLONE_NEWNET)
+                    os.write(up_w, b"r")
+                    signal.pause()
+                if not inner_netns:
+                    os.write(up_w, b"r")
+                signal.pause()
+            os.write(up_w, pid1.to_bytes(4, "little"))
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.close(go_r)
+    os.close(up_w)
+    pids = [child]
+    try:
+        assert os.read(up_r, 1) == b"u"
+        for name in ("uid_map", "gid_map"):
+            with open(f"/proc/{child}/{name}", "w") as f:
+                f.write(f"0 {BASE} 65536")
+        os.write(go_w, b"g")
+        got = b""
+        while len(got) < 5:
+            got += os.read(up_r, 5 - len(got))
+        ready = got.index(b"r")
+        pid1 = int.from_bytes((got[:ready] + got[ready + 1:])[:4], "little")
+        pids.append(pid1)
+        target = pid1
+        if inner_netns:
+            kids = open(f"/proc/{pid1}/task/{pid1}/children").read().split()
+            target = int(kids[0])
+            pids.append(target)
+        yield target
+    finally:
+        for p in reversed(pids):
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        os.waitpid(child, 0)
+        os.close(go_w)
+        os.close(up_r)
+
+
+def ctr() -> Container:
+    return Container(key="k", id="c", uid_base=BASE, gid_base=BASE, cgroups={})
+
+
+def flip(v: bytes) -> bytes:
+    return b"0" if v.strip() == b"1" else b"1"
+
+
+def test_root_writes_only_its_netns() -> None:
+    c = ctr()
+    before = host("net/ipv4/ip_forward")
+    with reader() as a, reader() as b:
+        start_b = S.read(c, b, "net/ipv4/ip_forward")
+        want = flip(S.read(c, a, "net/ipv4/ip_forward"))
+        S.check_open_write(c, a, "net/ipv4/ip_forward")
+        assert S.write(c, a, BASE, BASE, "net/ipv4/ip_forward", want, False) == 1
+        assert S.read(c, a, "net/ipv4/ip_forward") == want + b"\n"
+        assert S.read(c, b, "net/ipv4/ip_forward") == start_b
+    assert host("net/ipv4/ip_forward") == before
+
+
+def test_inner_unshare_net_changes_only_that_netns() -> None:
+    c = ctr()
+    before = host("net/core/somaxconn")
+    with reader(inner_netns=True) as inner:
+        outer = int(open(f"/proc/{inner}/status").read().split("PPid:")[1].split()[0])
+        outer_val = S.read(c, outer, "net/core/somaxconn")
+        assert S.write(c, inner, BASE, BASE, "net/core/somaxconn", b"77", False) == 2
+        assert S.read(c, inner, "net/core/somaxconn") == b"77\n"
+        assert S.read(c, outer, "net/core/somaxconn") == outer_val
+    assert host("net/core/somaxconn") == before
+
+
+def test_unprivileged_user_cannot_write_netns_sysctl() -> None:
+    c = ctr()
+    before = host("net/ipv4/ip_forward")
+    with reader(uid=1000) as r:
+        val = S.read(c, r, "net/ipv4/ip_forward")
+        for call in (lambda: S.check_open_write(c, r, "net/ipv4/ip_forward"),
+                     lambda: S.write(c, r, BASE + 1000, BASE + 1000, "net/ipv4/ip_forward", flip(val), False)):
+            with pytest.raises(OSError) as e:
+                call()
+            assert e.value.errno in (errno.EACCES, errno.EPERM)
+        assert S.read(c, r, "net/ipv4/ip_forward") == val
+        with pytest.raises(OSError) as e:
+            S.write(c, r, BASE + 1000, BASE + 1000, "kernel/hostname", b"evil", False)
+        assert e.value.errno == errno.EPERM
+    assert host("net/ipv4/ip_forward") == before
+
+
+def test_garbage_to_namespaced_gets_kernel_errno() -> None:
+    c = ctr()
+    with reader() as r:
+        for data in (b"abc", b"1" * 5000, b"-5", b"99999999999999999999999"):
+            with pytest.raises(OSError) as e:
+                S.write(c, r, BASE, BASE, "net/core/somaxconn", data, False)
+            assert e.value.errno == errno.EINVAL
+
+
+def test_uts_ipc_user_pid_are_the_readers() -> None:
+    c = ctr()
+    before = {r: host(r) for r in ("kernel/hostname", "kernel/shmmni", "user/max_user_namespaces", "kernel/pid_max")}
+    with reader() as r:
+        assert S.write(c, r, BASE, BASE, "kernel/hostname", b"inner-host\n", False) == 11
+        assert S.read(c, r, "kernel/hostname") == b"inner-host\n"
+        assert S.write(c, r, BASE, BASE, "kernel/shmmni", b"123", False) == 3
+        assert S.read(c, r, "kernel/shmmni") == b"123\n"
+        assert S.write(c, r, BASE, BASE, "user/max_user_namespaces", b"7", False) == 1
+        assert S.read(c, r, "user/max_user_namespaces") == b"7\n"
+        if T.PID_NS_PID_MAX:
+            assert S.write(c, r, BASE, BASE, "kernel/pid_max", b"5000", False) == 4
+            assert S.read(c, r, "kernel/pid_max") == b"5000\n"
+    assert socket.gethostname() + "\n" == before["kernel/hostname"]
+    assert {r: host(r) for r in before} == before
+
+
+def test_stat_and_listdir_in_reader_netns() -> None:
+    c = ctr()
+    with reader() as r:
+        names = dict(S.listdir(c, r, "net/core"))
+        assert "somaxconn" in names and "default_qdisc" not in names   # init_net only
+        assert S.stat(c, r, "net/core/default_qdisc") is None
+        assert S.stat(c, os.getpid(), "net/core/default_qdisc").owner == "container"
+        if os.path.exists("/proc/sys/net/netfilter/nf_conntrack_max"):
+            assert S.stat(c, r, "net/netfilter/nf_conntrack_max").mode == 0o644   # emulated, writable
+
+
+def test_emulated_value_is_per_container_seen_from_netns() -> None:
+    rel = "net/netfilter/nf_conntrack_max"
+    if not os.path.exists(f"/proc/sys/{rel}"):
+        pytest.skip("no nf_conntrack")
+    a, b = ctr(), Container(key="k2", id="c2", uid_base=BASE + 65536, gid_base=BASE + 65536, cgroups={})
+    before = host(rel)
+    with reader() as r:
+        assert S.write(a, r, BASE, BASE, rel, b"1000", False) == 4
+        assert S.read(a, r, rel) == b"1000\n"
+        assert S.read(b, r, rel) == before.encode()
+    assert host(rel) == before
+
+
+def _differential(rel: str, spec: T.Spec, inputs: list[bytes]) -> list[str]:
+    """In a private net+ipc namespace (host untouched), compare the kernel with parse_write."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        bad = []
+        try:
+            sc.unshare(sc.CLONE_NEWNET | sc.CLONE_NEWIPC)
+            for data in inputs:
+                with open(f"/proc/sys/{rel}") as f:
+                    cur = T.parse_value(f.read())
+                try:
+                    new, used, err = T.parse_write(spec, data, cur)
+                    mine = (err.errno if err else used, new)
+                except OSError as e:
+                    mine = (e.errno, cur)
+                fd = os.open(f"/proc/sys/{rel}", os.O_WRONLY)
+                try:
+                    theirs_ret = os.write(fd, data)
+                except OSError as e:
+                    theirs_ret = e.errno
+                os.close(fd)
+                with open(f"/proc/sys/{rel}") as f:
+                    theirs = (theirs_ret, T.parse_value(f.read()))
+                if mine != theirs:
+                    bad.append(f"{data[:30]!r}: mine {mine} kernel {theirs}")
+        finally:
+            os.write(wfd, "\n".join(bad[:20]).encode())
+            os._exit(0)
+    os.close(wfd)
+    out = b""
+    while chunk := os.read(rfd, 65536):
+        out += chunk
+    os.close(rfd)
+    os.waitpid(pid, 0)
+    return [x for x in out.decode().split("\n") if x]
+
+
+def _inputs(seed: str) -> list[bytes]:
+    rng = random.Random(seed)
+    pieces = [b"0", b"1", b"7", b"-", b"x", b"0x1f", b"010", b"09", b" ", b"\t", b"\n", b"\0", b"a",
+              b"2147483647", b"2147483648", b"-2147483648", b"18446744073709551615", b"+", b"\xa0", b"\r"]
+    out = [b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 6))) for _ in range(400)]
+    out += [b"5" + b" " * 5000, b"1" * 5000, b"3" + b"\n" * 4093 + b"9", b""]
+    return out
+
+
+@pytest.mark.parametrize("rel,spec", [
+    ("net/unix/max_dgram_qlen", T.Spec("int")),                  # proc_dointvec
+    ("kernel/shmmax", T.Spec("ulong")),                          # proc_doulongvec_minmax
+    ("net/ipv4/tcp_rmem", T.Spec("int", count=3, lo=1)),         # vector, proc_dointvec_minmax
+])
+def test_parser_matches_kernel_differential(rel: str, spec: T.Spec) -> None:
+    assert _differential(rel, spec, _inputs(rel)) == []
