@@ -16,6 +16,8 @@ USAGE = """usage: isobox COMMAND
                              --default makes it their default runtime; prints what to reload
   uninstall [--docker] [--containerd] [--podman]
                              remove what install added (the .isobox-backup files stay)
+  events [--follow] [--json] [CONTAINER]
+                             what isoboxd refused or did for containers, and why
   daemon [--status | --stop [--force]]
                              run isoboxd in the foreground (for service managers), show or stop it
   demo                       run a privileged container and show what it believes next to what the host sees
@@ -113,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd in ("install", "uninstall"):
             from isobox.engines.install import run as engines_run
             return engines_run(rest, uninstall=cmd == "uninstall")
+        if cmd == "events":
+            from isobox.cli.events import events
+            return events(rest)
         if cmd == "daemon":
             from isobox.cli.daemon import daemon
             return daemon(rest)

@@ -11,11 +11,14 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 from isobox.daemon import paths
+from isobox.daemon.fdstore import FdStore
 from isobox.linux import syscalls as k
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -97,27 +100,37 @@ def run() -> int:
     signal.signal(signal.SIGHUP, on_hup)
     cg = _own_cgroup()
     fuse = os.open("/dev/fuse", os.O_RDWR)   # inherited by each server
-    for stale in (paths.DB, paths.DB + "-wal", paths.DB + "-shm", paths.SOCKET):
+    for stale in (paths.DB, paths.DB + "-wal", paths.DB + "-shm", paths.SOCKET, paths.INFLIGHT):
         try:
             os.unlink(stale)                  # a new connection: old node ids mean nothing
         except FileNotFoundError:
             pass
     _mount(fuse)
+    store = FdStore()
+    threading.Thread(target=store.serve_trap, args=(paths.TRAP_SOCKET,), daemon=True).start()
     _write(paths.HOLDER_PID, str(os.getpid()))
     log = os.open(paths.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     generation, quick_deaths = 0, 0
     try:
         while not stop:
-            env = {"ISOBOXD_FUSE_FD": str(fuse), "ISOBOXD_GENERATION": str(generation), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            env = {"ISOBOXD_FUSE_FD": str(fuse), "ISOBOXD_GENERATION": str(generation),
+                   "ISOBOXD_CHANNEL_FD": str(theirs.fileno()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
             started = time.monotonic()
-            child = subprocess.Popen(python_command("isobox.daemon.server"), pass_fds=(fuse,), env=env, stdin=subprocess.DEVNULL,
-                                     stdout=log, stderr=log)
+            child = subprocess.Popen(python_command("isobox.daemon.server"), pass_fds=(fuse, theirs.fileno()), env=env,
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            theirs.close()
+            store.attach(mine)
+            threading.Thread(target=store.serve_channel, args=(mine,), daemon=True).start()
             while True:
                 try:
                     child.wait()
                     break
                 except InterruptedError:
                     continue
+            with store.lock:
+                store.channel = None
+            mine.close()
             generation += 1
             quick_deaths = quick_deaths + 1 if time.monotonic() - started < 1 else 0
             if quick_deaths >= 5 and not stop:
@@ -127,7 +140,7 @@ def run() -> int:
             k.umount2(paths.FS_ROOT, k.MNT_DETACH)
         except OSError:
             pass
-        for f in (paths.HOLDER_PID, paths.SERVER_PID, paths.SOCKET):
+        for f in (paths.HOLDER_PID, paths.SERVER_PID, paths.SOCKET, paths.TRAP_SOCKET):
             try:
                 os.unlink(f)
             except FileNotFoundError:

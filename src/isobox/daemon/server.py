@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import socketserver
 import sys
 import threading
@@ -19,7 +20,9 @@ from isobox.daemon.fs import proto
 from isobox.daemon.fs.context import Container, boottime
 from isobox.daemon.fs.filesystem import FRESH, Filesystem
 from isobox.daemon.fs.loop import Loop, init_reply
+from isobox.daemon.fdstore import recv_fd
 from isobox.daemon.store import Store
+from isobox.daemon.syscalls.notify import Notifier
 
 WORKERS = 4
 GC_EVERY = 5.0
@@ -35,6 +38,52 @@ class Server:
         from isobox.daemon.fs.loadavg import LoadTracker
         self.fs.loads = LoadTracker()
         self.loop = Loop(fuse_fd, self.fs)
+        self.channel = socket.socket(fileno=int(os.environ["ISOBOXD_CHANNEL_FD"])) \
+            if os.environ.get("ISOBOXD_CHANNEL_FD") else None
+        from isobox.daemon.syscalls import audit, registry
+        handlers = registry.load()
+        si = sys.modules.get("isobox.daemon.syscalls.sysinfo")
+        if si is not None:
+            si.LOADS = self.fs.loads          # sysinfo's loads are /proc/loadavg's
+        from isobox.daemon.syscalls.inflight import Inflight
+        self.notifier = Notifier(handlers, audit.write, self._listener_gone, slow=frozenset(registry.SLOW),
+                                 inflight=Inflight(paths.INFLIGHT))
+
+    # -- seccomp listeners lent by the holder --
+    def receive_listeners(self) -> None:
+        while True:
+            try:
+                msg, fd, _pid = recv_fd(self.channel)
+            except OSError:
+                return
+            if not msg:
+                return            # the holder is gone
+            if fd is None:
+                continue
+            meta = json.loads(msg)
+            c = self._owner(meta)
+            if c is None:
+                log.warning("refusing a seccomp listener from pid %s: not a process of container key %r",
+                            meta.get("peer"), meta.get("key"))
+                os.close(fd)
+                self._listener_gone(meta.get("slot", ""))
+                continue
+            self.notifier.add(fd, meta["slot"], c)
+
+    def _owner(self, meta: dict):
+        """The registered container the listener's sender belongs to, by its cgroup."""
+        idx = self.fs.by_key.get(str(meta.get("key", "")))
+        if idx is None:
+            return None
+        c = self.fs.by_idx[idx]
+        return c if _in_cgroup(int(meta.get("peer", 0)), c) else None
+
+    def _listener_gone(self, slot: str) -> None:
+        if self.channel is not None and slot:
+            try:
+                self.channel.send(b"drop " + slot.encode())
+            except OSError:
+                pass
 
     # -- requests on the registration socket --
     def handle(self, req: dict) -> dict:
@@ -61,7 +110,7 @@ class Server:
             return {"ok": True, "containers": [c.__dict__ for c in self.fs.by_idx.values()]}
         if op == "stats":
             return {"ok": True, "containers": len(self.fs.by_idx), "rss_kib": _rss_kib(),
-                    "snapshots": len(self.fs.snaps)}
+                    "snapshots": len(self.fs.snaps), "listeners": len(self.notifier.listeners)}
         return {"ok": False, "error": f"unknown request {op!r}"}
 
     def serve_socket(self) -> None:
@@ -89,7 +138,7 @@ class Server:
         sock.serve_forever()
 
     # -- background --
-    def notifier(self) -> None:
+    def notifier_thread(self) -> None:
         while True:
             time.sleep(FRESH / 2)
             self.fs.sweep()
@@ -119,7 +168,10 @@ class Server:
                 os.write(self.fd, proto.notify(proto.NOTIFY_RESEND, b""))
             except OSError as e:
                 log.warning("resend failed (kernel older than 6.9?): %s", e)
-        for target in (self.notifier, self.gc, self.serve_socket):
+        targets = [self.notifier_thread, self.gc, self.serve_socket, self.notifier.serve]
+        if self.channel is not None:
+            targets.append(self.receive_listeners)
+        for target in targets:
             threading.Thread(target=target, daemon=True).start()
         _write_pid()
         log.info("serving generation %d with %d containers", self.generation, len(self.fs.by_idx))
@@ -142,6 +194,27 @@ class Server:
         except Exception:  # noqa: BLE001
             log.exception("worker died")
             self.loop.stopped.set()
+
+
+def _in_cgroup(pid: int, c: Container) -> bool:
+    """pid sits in the container's cgroup (or below) in the hierarchy that decides
+    membership: memory, else pids, else the v2 one."""
+    from isobox.cgroups.layout import detect, parse_cgroup_file
+    ctrl = next((k for k in ("memory", "pids", "") if k in c.cgroups), None)
+    if ctrl is None or pid <= 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            mine = parse_cgroup_file(f.read())
+    except OSError:
+        return False
+    h = detect().hierarchy(ctrl)
+    path = mine.get(ctrl if h is not None and h.version == 1 else "")
+    if h is None or path is None:
+        return False
+    host = os.path.normpath(h.mountpoint + "/" + path.lstrip("/"))
+    top = c.cgroups[ctrl]
+    return host == top or host.startswith(top.rstrip("/") + "/")
 
 
 def _dead(c: Container) -> bool:

@@ -61,6 +61,8 @@ def _register(root: str, plan: Plan, cg, cleanup: list) -> None:
     k = client.daemon_key(root, plan.id)
     client.register(k, plan.id, plan.uid_base, plan.gid_base, dirs)
     cleanup.append(lambda: client.unregister(k))
+    if plan.seccomp is not None:
+        plan.seccomp.key = k          # isoboxd accepts the listener only for this container
     plan.emulation = paths.emulated(k)
 
 

@@ -85,6 +85,9 @@ def exec_command(store, p, log) -> int:
     # the container's own profile (and isobox's trap), compiled before anything is entered
     sec = seccomp.prepare((config.get("linux") or {}).get("seccomp"), cid=st.id, bundle=st.bundle,
                           annotations=st.annotations, trap_socket=seccomp.trap_socket())
+    if sec is not None:
+        from isobox.daemon.client import daemon_key
+        sec.key = daemon_key(store.root, st.id)
     return exec_process(store, st, proc, detach=bool(f.get("detach")),
                         pid_file=str(f["pid-file"]) if f.get("pid-file") else None,
                         console_socket=str(f["console-socket"]) if f.get("console-socket") else None,

@@ -19,9 +19,9 @@ still holds every capability of its user namespace; the profile must then allow 
 does before execve (prctl, setgroups, setresgid, setresuid, capset, capget, openat/read/close of
 /proc/sys/kernel/cap_last_cap, umask, execve) — Docker's default profile does.
 
-The trap (isoboxd, a later issue) is OFF by default: it is on when a trap socket is given
-(Plan.seccomp_trap_socket, filled from TRAP_SOCKET or the ISOBOX_SECCOMP_TRAP_SOCKET
-environment of isobox-runc, which only root can run usefully). With it, the syscalls in TRAPPED
+The trap is ON by default: its listener goes to isoboxd's holder (daemon/paths.TRAP_SOCKET).
+TRAP_SOCKET or the ISOBOX_SECCOMP_TRAP_SOCKET environment of isobox-runc name another socket,
+or turn it off with "" or "off" (tests and debugging; only root runs isobox-runc usefully). With it, the syscalls in TRAPPED
 return SCMP_ACT_NOTIFY; the listener fd is sent over that unix stream socket with SCM_RIGHTS
 and one JSON message {"type": "isobox-seccomp", "id", "pid" (host pid, 0 when unknown),
 "nsPid" (in the container), "trapped": [...]}; each exec'd process sends its own.
@@ -52,7 +52,11 @@ def trap_socket() -> str:
     """The trap's socket path, or "" (off)."""
     if TRAP_SOCKET is not None:
         return TRAP_SOCKET
-    return os.environ.get(TRAP_SOCKET_ENV, "")
+    env = os.environ.get(TRAP_SOCKET_ENV)
+    if env is not None:
+        return "" if env in ("", "off") else env
+    from isobox.daemon.paths import TRAP_SOCKET as ISOBOXD
+    return ISOBOXD
 
 
 class Seccomp:
@@ -64,6 +68,7 @@ class Seccomp:
         self.bundle = bundle
         self.annotations = annotations
         self.trap_socket = trap_socket
+        self.key = ""                  # isoboxd's key for the container (set once registered)
         prof: Profile = compiled.profile
         self.listener_path = prof.listener_path
         self.listener_metadata = prof.listener_metadata
@@ -153,8 +158,8 @@ def _load_and_send(sec: Seccomp, conn: _socket.socket | None, host_pid: int) -> 
             if conn is None:
                 raise IsoboxError("seccomp: the filter has a listener but there is no socket to send it to")
             if sec.trap_socket:
-                msg = {"type": "isobox-seccomp", "id": sec.cid, "pid": host_pid, "nsPid": os.getpid(),
-                       "trapped": list(TRAPPED)}
+                msg = {"type": "isobox-seccomp", "id": sec.cid, "key": sec.key, "pid": host_pid,
+                       "nsPid": os.getpid(), "trapped": list(TRAPPED)}
             else:
                 msg = {"ociVersion": OCI_VERSION, "fds": ["seccompFd"], "pid": host_pid,
                        "metadata": sec.listener_metadata,

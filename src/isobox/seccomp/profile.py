@@ -51,7 +51,39 @@ FLAGS = ("SECCOMP_FILTER_FLAG_TSYNC", "SECCOMP_FILTER_FLAG_LOG", "SECCOMP_FILTER
 # same filter as the engine's profile. Adding a name here is all a later issue needs to do.
 # x86_64 has umount2 only; i386 also has umount (libseccomp resolves each per architecture).
 # fsopen/fspick/open_tree: the new mount API, so libmount and runc cannot go around the trap.
-TRAPPED = ("mount", "umount", "umount2", "fsopen", "fspick", "open_tree")
+TRAPPED = ("mount", "umount", "umount2", "fsopen", "fspick", "open_tree", "sysinfo", "mknod", "mknodat",
+           "openat2", "setxattr", "lsetxattr", "fsetxattr", "io_uring_setup")
+
+# Trapped only when their arguments ask for something isoboxd must vet: a set-user-ID or
+# set-group-ID mode (chmod family), or creating a file with one (open family). Setting those
+# bits is what plants a root shell in a host directory bound into the container; everything
+# else (nearly every chmod and open) never leaves the kernel.
+_MASKED_EQ = 7
+_S_ISUID, _S_ISGID = 0o4000, 0o2000
+_O_CREAT, _O_TMPFILE = 0o100, 0o20000000
+
+
+def _setid(mode: int) -> tuple[tuple, ...]:
+    return tuple(((mode, _MASKED_EQ, bit, bit),) for bit in (_S_ISUID, _S_ISGID))
+
+
+def _creating_setid(flags: int, mode: int) -> tuple[tuple, ...]:
+    return tuple(((flags, _MASKED_EQ, c, c), (mode, _MASKED_EQ, bit, bit))
+                 for c in (_O_CREAT, _O_TMPFILE) for bit in (_S_ISUID, _S_ISGID))
+
+
+# name -> (argument conditions that trap (any of), conditions that do not (any of))
+CONDITIONAL = {
+    "chmod": (_setid(1), (((1, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),),)),
+    "fchmod": (_setid(1), (((1, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),),)),
+    "fchmodat": (_setid(2), (((2, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),),)),
+    "fchmodat2": (_setid(2), (((2, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),),)),
+    "creat": (_setid(1), (((1, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),),)),
+    "open": (_creating_setid(1, 2), (((1, _MASKED_EQ, _O_CREAT | _O_TMPFILE, 0),),
+                                     ((2, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),))),
+    "openat": (_creating_setid(2, 3), (((2, _MASKED_EQ, _O_CREAT | _O_TMPFILE, 0),),
+                                       ((3, _MASKED_EQ, _S_ISUID | _S_ISGID, 0),))),
+}
 
 # With the trap and no engine profile: every x86 ABI, so 32-bit binaries cannot bypass it.
 TRAP_ONLY_ARCHES = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32")
@@ -166,24 +198,40 @@ def merge_trap(prof: Profile | None, trapped: tuple[str, ...] = TRAPPED) -> Prof
     In a filter an ERRNO (or KILL/TRAP) verdict outranks USER_NOTIF, and libseccomp refuses
     two actions for one syscall, so every engine rule naming a trapped syscall loses that name
     (isoboxd decides instead) and one unconditional NOTIFY rule is added. The engine's default
-    action no longer applies to trapped syscalls either: a rule beats the default."""
+    action no longer applies to trapped syscalls either: a rule beats the default.
+
+    A CONDITIONAL syscall the engine allows keeps the engine's action for the arguments
+    isoboxd does not care about (an unconditional rule would shadow the conditional NOTIFY
+    rules in libseccomp, so the engine's rule is split); one the engine refuses stays refused."""
     if prof is None:
-        return Profile(ACT_ALLOW, tuple(ARCHES[a] for a in TRAP_ONLY_ARCHES), (), [Rule(tuple(trapped), ACT_NOTIFY, ())],
-                       trap=True)
+        rules = [Rule(tuple(trapped), ACT_NOTIFY, ())]
+        rules += [Rule((name,), ACT_NOTIFY, cond) for name, (traps, _) in CONDITIONAL.items() for cond in traps]
+        return Profile(ACT_ALLOW, tuple(ARCHES[a] for a in TRAP_ONLY_ARCHES), (), rules, trap=True)
     if prof.listener_path:
         raise IsoboxError(f"linux.seccomp.listenerPath ({prof.listener_path}) cannot be used with isobox's seccomp "
                           "trap: a process can have only one seccomp listener (EBUSY); remove listenerPath "
                           "or turn the trap off")
     trap = set(trapped)
     rules, notes = [], list(prof.notes)
+    allowed: dict[str, int] = {}          # conditional syscall -> the engine's unconditional allowing action
     for r in prof.rules:
         gone = [n for n in r.names if n in trap]
         if gone:
             notes.append(f"seccomp: engine rule {_act_name(r.action)} for {', '.join(gone)} replaced by isobox's trap")
-        keep = tuple(n for n in r.names if n not in trap)
+        split = [n for n in r.names if n in CONDITIONAL and not r.args and r.action in (ACT_ALLOW, ACT_LOG)]
+        for n in split:
+            allowed[n] = r.action
+        keep = tuple(n for n in r.names if n not in trap and n not in split)
         if keep:
             rules.append(Rule(keep, r.action, r.args))
     rules.append(Rule(tuple(trapped), ACT_NOTIFY, ()))
+    named = {n for r in prof.rules for n in r.names}
+    for name, (traps, rest) in CONDITIONAL.items():
+        if name in allowed:
+            rules += [Rule((name,), allowed[name], cond) for cond in rest]
+        elif name in named or prof.default_action not in (ACT_ALLOW, ACT_LOG):
+            continue          # the engine refuses it (or decides by arguments itself): nothing to vet
+        rules += [Rule((name,), ACT_NOTIFY, cond) for cond in traps]
     return Profile(prof.default_action, prof.arches, prof.flags, rules, trap=True, notes=notes)
 
 

@@ -36,6 +36,7 @@ class Snapshot:
     data: bytes
     at: float
     in_kernel: bool = False    # served to the page cache since the last invalidation
+    trusted: bool = False      # an OPEN made sure the kernel's pages (if any) are this rendering's
 
 
 class Filesystem:
@@ -49,7 +50,7 @@ class Filesystem:
         self.paths: dict[int, str] = {1: ""}     # path id -> relative path
         self.path_ids: dict[str, int] = {"": 1}
         self.snaps: dict[int, Snapshot] = {}     # nodeid -> rendering served through the page cache
-        self.views: dict[int, tuple[float, object]] = {}   # reader pid -> (when, its view or None)
+        self.views: dict[tuple[str, int], tuple[float, object]] = {}   # (key, reader pid) -> (when, view or None)
         self.loads = None
         self.pending: list[int] = []             # nodeids whose size the kernel must re-read
         self.modules: dict[str, object] = {}
@@ -187,12 +188,12 @@ class Filesystem:
             return 1, proto.FOPEN_DIRECT_IO
         snap = self.snaps.get(nodeid)
         now = time.monotonic()
-        if snap is not None and now - snap.at < FRESH:
+        if snap is not None and snap.trusted and now - snap.at < FRESH:
             return 0, proto.FOPEN_KEEP_CACHE | proto.FOPEN_NOFLUSH
-        new = self.snaps[nodeid] = Snapshot(self._render(c, rel), now)
-        if snap is not None and len(snap.data) == len(new.data):
+        new = self.snaps[nodeid] = Snapshot(self._render(c, rel), now, trusted=True)
+        if snap is not None and snap.trusted and len(snap.data) == len(new.data):
             return 0, proto.FOPEN_NOFLUSH         # without KEEP_CACHE the kernel drops the pages
-        # The kernel may hold another size (also one from a previous server). Notifying it
+        # The kernel may hold another size, or pages of a previous server. Notifying it
         # here could deadlock (the invalidation waits for page locks of reads that only this
         # thread's peers answer), so this open bypasses the cache and the sweeper notifies.
         self.pending.append(nodeid)
@@ -285,7 +286,7 @@ class Filesystem:
         """The reader's own view when it sits in a sub-cgroup of the container, else None
         (cached per pid for FRESH seconds: the lookup reads /proc/<pid>/cgroup)."""
         now = time.monotonic()
-        hit = self.views.get(pid)
+        hit = self.views.get((c.key, pid))
         if hit is not None and now - hit[0] < FRESH:
             return hit[1]
         try:
@@ -294,7 +295,7 @@ class Filesystem:
             view = None
         if len(self.views) > 4096:
             self.views.clear()
-        self.views[pid] = (now, view)
+        self.views[(c.key, pid)] = (now, view)
         return view
 
     def _current(self, nodeid: int, c: Container, rel: str, refresh: bool) -> Snapshot:

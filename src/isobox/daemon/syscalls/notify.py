@@ -1,0 +1,201 @@
+"""seccomp user-notify: receive, answer, and the loop that serves every container's listener.
+
+One epoll thread receives from all listeners. It takes one notification per ready listener
+per round, so a container that floods one syscall cannot starve another container (the
+fairness the issue measures). Fast handlers (refusals, sysinfo, continues) run inline in
+that thread; handlers marked slow (they fork helpers or mount) run on a small pool."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+from isobox.daemon.syscalls.call import Call, Verdict
+
+log = logging.getLogger("isoboxd")
+
+# include/uapi/linux/seccomp.h
+NOTIF = struct.Struct("<QIIiIQ6Q")        # id pid flags | seccomp_data: nr arch instruction_pointer args[6]
+NOTIF_RESP = struct.Struct("<QqiI")       # id val error flags
+ADDFD = struct.Struct("<QIIII")           # id flags srcfd newfd newfd_flags
+
+
+def _ioc(direction: int, nr: int, size: int) -> int:
+    return (direction << 30) | (size << 16) | (ord("!") << 8) | nr
+
+
+SECCOMP_IOCTL_NOTIF_RECV = _ioc(3, 0, NOTIF.size)
+SECCOMP_IOCTL_NOTIF_SEND = _ioc(3, 1, NOTIF_RESP.size)
+SECCOMP_IOCTL_NOTIF_ID_VALID = _ioc(1, 2, 8)
+SECCOMP_IOCTL_NOTIF_ADDFD = _ioc(1, 3, ADDFD.size)
+SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1
+SECCOMP_ADDFD_FLAG_SETFD = 1
+SECCOMP_ADDFD_FLAG_SEND = 2
+
+
+def recv(listener: int) -> bytes | None:
+    """One raw struct seccomp_notif, or None when the caller went away meanwhile (ENOENT)."""
+    buf = bytearray(NOTIF.size)
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_RECV, buf, True)
+    except OSError as e:
+        if e.errno in (errno.ENOENT, errno.EINTR):
+            return None
+        raise
+    return bytes(buf)
+
+
+def id_valid(listener: int, cookie: int) -> bool:
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ID_VALID, struct.pack("<Q", cookie))
+        return True
+    except OSError:
+        return False
+
+
+def send(listener: int, cookie: int, v: Verdict) -> None:
+    if v.kind == "continue":
+        resp = NOTIF_RESP.pack(cookie, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+    elif v.kind == "error":
+        resp = NOTIF_RESP.pack(cookie, 0, -v.errno, 0)
+    else:
+        resp = NOTIF_RESP.pack(cookie, v.value, 0, 0)
+    try:
+        fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_SEND, resp)
+    except OSError as e:
+        if e.errno != errno.ENOENT:        # ENOENT: the caller was killed meanwhile
+            raise
+
+
+def add_fd(listener: int, cookie: int, fd: int, cloexec: bool) -> int:
+    """Installs fd in the caller and makes it the syscall's return value, atomically
+    (SECCOMP_ADDFD_FLAG_SEND, Linux 5.14): for opens performed on the caller's behalf."""
+    flags = os.O_CLOEXEC if cloexec else 0
+    return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD,
+                       ADDFD.pack(cookie, SECCOMP_ADDFD_FLAG_SEND, fd, 0, flags))
+
+
+def decode(raw: bytes) -> tuple[int, int, int, int, tuple[int, ...]]:
+    """(cookie, pid, nr, arch, args)."""
+    cookie, pid, _flags, nr, arch, _ip, *args = NOTIF.unpack(raw)
+    return cookie, pid, nr, arch, tuple(args)
+
+
+_names: dict[tuple[int, int], str] = {}
+
+
+def syscall_name(arch: int, nr: int) -> str:
+    """The syscall's name in the caller's ABI (libseccomp's tables), e.g. (x86, 21) -> mount."""
+    hit = _names.get((arch, nr))
+    if hit is None:
+        from isobox.seccomp.compile import _binding
+        sc = _binding()
+        try:
+            hit = sc.resolve_syscall(arch, nr)
+            hit = hit.decode() if isinstance(hit, bytes) else str(hit)
+        except Exception:  # noqa: BLE001 - an ABI libseccomp does not know: refused by name ""
+            hit = ""
+        _names[(arch, nr)] = hit
+    return hit
+
+
+def make_call(listener: int, raw: bytes, container) -> Call:
+    cookie, pid, nr, arch, args = decode(raw)
+    return Call(listener=listener, id=cookie, pid=pid, nr=nr, arch=arch, args=args, name=syscall_name(arch, nr),
+                container=container, valid=lambda: id_valid(listener, cookie))
+
+
+class Notifier:
+    """Serves every listener: add() one per container process tree that loaded the filter."""
+
+    def __init__(self, handlers: dict, on_verdict, on_gone, slow: frozenset[str] = frozenset(), workers: int = 4,
+                 inflight=None):
+        self.handlers = handlers
+        self.inflight = inflight              # Inflight: calls a dead server left unanswered
+        self.orphans: dict[str, list[bytes]] = {}
+        if inflight is not None:
+            for key, raw in inflight.take():
+                self.orphans.setdefault(key, []).append(raw)
+        self.on_verdict = on_verdict          # (call, verdict) -> None: the audit log
+        self.on_gone = on_gone                # (key) -> None: every task of a listener exited
+        self.slow = slow
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="notify")
+        self.ep = select.epoll()
+        self.lock = threading.Lock()
+        self.listeners: dict[int, tuple[str, object]] = {}     # fd -> (key, container)
+
+    def add(self, fd: int, key: str, container) -> None:
+        with self.lock:
+            self.listeners[fd] = (key, container)
+            orphans = self.orphans.pop(key, [])
+        for raw in orphans:
+            if id_valid(fd, decode(raw)[0]):
+                self.pool.submit(self._handle_raw, fd, key, raw, container)
+        self.ep.register(fd, select.EPOLLIN)
+
+    def serve(self) -> None:
+        while True:
+            for fd, ev in self.ep.poll():
+                entry = self.listeners.get(fd)
+                if entry is None:
+                    continue
+                if ev & select.EPOLLIN:
+                    raw = recv(fd)
+                    if raw is not None:
+                        self._dispatch(fd, raw, entry[1])
+                elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                    self._drop(fd, entry[0])
+
+    def _drop(self, fd: int, key: str) -> None:
+        with self.lock:
+            self.listeners.pop(fd, None)
+        try:
+            self.ep.unregister(fd)
+        except OSError:
+            pass
+        os.close(fd)
+        self.on_gone(key)
+
+    def _dispatch(self, fd: int, raw: bytes, container) -> None:
+        key = self.listeners.get(fd, ("", None))[0]
+        _cookie, _pid, nr, arch, _args = decode(raw)
+        if syscall_name(arch, nr) in self.slow:
+            self.pool.submit(self._handle_raw, fd, key, raw, container)
+        else:
+            self._handle_raw(fd, key, raw, container)
+
+    def _handle_raw(self, fd: int, key: str, raw: bytes, container) -> None:
+        slot = self.inflight.begin(key, raw) if self.inflight is not None else -1
+        try:
+            self.handle(make_call(fd, raw, container))
+        finally:
+            if self.inflight is not None:
+                self.inflight.end(slot)
+
+    def handle(self, call: Call) -> Verdict:
+        handler = self.handlers.get(call.name)
+        try:
+            if handler is None:
+                v = Verdict("continue", reason="no handler", audit=False)
+            else:
+                v = handler(call)
+        except OSError as e:
+            v = Verdict("error", errno=e.errno or errno.EPERM, reason=f"{e.strerror or e}")
+        except Exception as e:  # noqa: BLE001 - a bug in a handler refuses the call, never crashes the daemon
+            log.exception("%s handler failed", call.name)
+            v = Verdict("error", errno=errno.EPERM, reason=f"isoboxd error: {type(e).__name__}")
+        try:
+            send(call.listener, call.id, v)
+        except OSError as e:
+            log.warning("answering %s failed: %s", call.name, e)
+        if v.audit:
+            try:
+                self.on_verdict(call, v)
+            except Exception:  # noqa: BLE001
+                log.exception("audit")
+        return v
