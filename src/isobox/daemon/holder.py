@@ -33,7 +33,10 @@ def _mount(fd: int) -> None:
     os.makedirs(paths.FS_ROOT, 0o711, exist_ok=True)
     if _mounted(paths.FS_ROOT):
         # left by a holder that died: its connection is gone with it
-        k.umount2(paths.FS_ROOT, k.MNT_DETACH)
+        try:
+            k.umount2(paths.FS_ROOT, k.MNT_DETACH)
+        except OSError:
+            pass        # hidden under another mount (a private /run/isobox): nothing to undo here
     k.mount("isoboxd", paths.FS_ROOT, "fuse.isoboxd", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
             f"fd={fd},rootmode=40711,user_id=0,group_id=0,allow_other,default_permissions")
 

@@ -55,6 +55,8 @@ class Filesystem:
         self.pending: list[int] = []             # nodeids whose size the kernel must re-read
         self.modules: dict[str, object] = {}
         self.cviews: dict[str, CgroupView] = {}  # container key -> view of its cgroups
+        self.sysctl_nodes: dict[tuple, tuple] = {}   # (key, rel, reader pid) -> (when, Node or None)
+        self.sysctl_reads: dict[tuple, tuple] = {}   # (key, rel, reader pid) -> (when, value read)
         for idx, c in store.containers():
             self.by_idx[idx], self.by_key[c.key] = c, idx
         for pid_, path in store.paths().items():
@@ -111,10 +113,17 @@ class Filesystem:
     def resolve(self, c: Container, rel: str, pid: int) -> tree.Node | None:
         node = tree.resolve(rel, self._cpus(c))
         if node is not None and node.handler == "sysctl":
+            # one open+read+close asks about the same node 3-4 times (LOOKUP, OPEN, READ...),
+            # and each answer enters the reader's namespaces: keep it for FRESH seconds
+            now = time.monotonic()
+            hit = self.sysctl_nodes.get((c.key, rel, pid))
+            if hit is not None and now - hit[0] < FRESH:
+                return hit[1]
             e = sysctl.stat(c, pid, rel[len("proc/sys/"):] if rel != "proc/sys" else "")
-            if e is None:
-                return None
-            node = tree.Node("dir" if e.kind == "dir" else "file", e.mode, e.owner, "sysctl")
+            node = None if e is None else tree.Node("dir" if e.kind == "dir" else "file", e.mode, e.owner, "sysctl")
+            if len(self.sysctl_nodes) > 4096:
+                self.sysctl_nodes.clear()
+            self.sysctl_nodes[(c.key, rel, pid)] = (now, node)
         return node
 
     # -- attributes --
@@ -218,7 +227,7 @@ class Filesystem:
                 snap.in_kernel = True
                 data = snap.data
         elif node.handler == "sysctl":
-            data = sysctl.read(c, pid, rel[len("proc/sys/"):])
+            data = self._sysctl_read(c, rel, pid, offset)
         elif node.handler == "cpu":
             with open(tree.host_path(rel), "rb") as f:
                 f.seek(offset)
@@ -264,6 +273,20 @@ class Filesystem:
         for name, kind in entries:
             out.append((self._nodeid(c, f"{rel}/{name}" if rel else name), name, dtypes[kind]))
         return out
+
+    def _sysctl_read(self, c: Container, rel: str, pid: int, offset: int) -> bytes:
+        """The value as the reader sees it; a read past the start (the reader's EOF probe or
+        the rest of a long value) is served from the first read's copy."""
+        now = time.monotonic()
+        key = (c.key, rel, pid)
+        hit = self.sysctl_reads.get(key)
+        if offset and hit is not None and now - hit[0] < FRESH:
+            return hit[1]
+        data = sysctl.read(c, pid, rel[len("proc/sys/"):])
+        if len(self.sysctl_reads) > 4096:
+            self.sysctl_reads.clear()
+        self.sysctl_reads[key] = (now, data)
+        return data
 
     # -- rendering --
     def _module(self, rel: str):
