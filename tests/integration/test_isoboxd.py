@@ -256,3 +256,23 @@ def test_kill_9_under_load_loses_no_request(daemon, runtime, busybox_rootfs):
 def runtime_cmd(runtime) -> list[str]:
     from conftest import RUNC
     return [*RUNC, "--root", runtime.root]
+
+
+def test_product_uuid_is_stable_per_container_and_differs_between_them(daemon, runtime, busybox_rootfs):
+    import re
+    a, _ = start(runtime, busybox_rootfs)
+    b, _ = start(runtime, busybox_rootfs)
+    read = "cat /sys/devices/virtual/dmi/id/product_uuid"
+    ua, ua2, ub = (exec_sh(runtime, c, read).stdout.strip() for c in (a, a, b))
+    assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", ua), ua
+    assert ua == ua2 and ua != ub
+    host = "/sys/devices/virtual/dmi/id/product_uuid"
+    if os.path.exists(host):
+        assert ua != host_read(host)
+    # the rest of /sys/devices/virtual is the container's own, still live
+    assert exec_sh(runtime, a, "ls /sys/devices/virtual/net").stdout.split() == ["lo"]
+
+
+def host_read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()

@@ -19,6 +19,12 @@ echo "caps=$(grep CapEff /proc/self/status | cut -f2)"
 echo "map=$(cat /proc/self/uid_map | tr -s ' ' | sed 's/^ //')"
 echo "rootowner=$(stat -c %u:%g /bin/busybox)"
 hostname isobox-demo && echo "hostname=$(hostname)"
+mkdir -p /mnt/p
+echo "mem=$(head -1 /proc/meminfo | tr -s ' ' | cut -d' ' -f2-)"
+echo "free=$(free | awk '/^Mem:/{print $2}') kB"
+echo "cpus=$(grep -c ^processor /proc/cpuinfo)"
+echo "uptime=$(cut -d' ' -f1 /proc/uptime) s"
+echo "newproc=$(mount -t proc proc /mnt/p 2>/dev/null && echo "works, its meminfo: $(head -1 /mnt/p/meminfo | tr -s ' ' | cut -d' ' -f2-)" || echo refused)"
 echo "umount=$(try umount /proc)"
 echo "umountl=$(try umount -l /sys)"
 echo "remount=$(try mount -o remount,suid /dev)"
@@ -30,7 +36,8 @@ read x
 
 
 _ERRNO = {"Invalid argument": "refused: EINVAL", "permission denied (are you root?)": "refused: EPERM",
-          "Operation not permitted": "refused: EPERM", "ok": "succeeded"}
+          "Operation not permitted": "refused: EPERM", "Device or resource busy": "refused: EBUSY",
+          "ok": "succeeded"}
 
 
 def _status(pid: int, key: str) -> str:
@@ -39,6 +46,19 @@ def _status(pid: int, key: str) -> str:
             if line.startswith(key + ":"):
                 return line.split(":", 1)[1].split()[0]
     return "?"
+
+
+def _host_kb(key: str) -> str:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return line.split()[1]
+    return "?"
+
+
+def _host_uptime() -> str:
+    with open("/proc/uptime") as f:
+        return f.read().split()[0]
 
 
 def demo() -> int:
@@ -78,7 +98,12 @@ def demo() -> int:
             ("hostname", inside.get("hostname", "?"), f"{socket.gethostname()} (unchanged)"),
             ("image files", f"owned by {inside.get('rootowner')}", f"owned by 0:0 on disk, nothing chowned "
                                                                    f"({method})"),
-            ("umount /proc", inside.get("umount", "?"), "the initial mounts are locked by the kernel (MNT_LOCKED)"),
+            ("/proc/meminfo", inside.get("mem", "?"), f"{_host_kb('MemTotal')} kB (isoboxd shows the limit)"),
+            ("free (sysinfo)", inside.get("free", "?"), "answered by isoboxd from the cgroup"),
+            ("CPUs (cpuinfo)", inside.get("cpus", "?"), f"{os.cpu_count()}"),
+            ("uptime", inside.get("uptime", "?"), f"{_host_uptime()} s (the host's)"),
+            ("mount -t proc", inside.get("newproc", "?"), "performed by isoboxd, with its nodes and masks"),
+            ("umount /proc", inside.get("umount", "?"), "the initial mounts are locked; isoboxd says EBUSY"),
             ("umount -l /sys", inside.get("umountl", "?"), "locked"),
             ("remount /dev suid", inside.get("remount", "?"), "its nosuid flag is locked too (MNT_LOCK_NOSUID)"),
             ("mount --move /proc", inside.get("move", "?"), "locked"),
@@ -93,6 +118,6 @@ def demo() -> int:
         proc.stdin.write("done\n")
         proc.stdin.close()
         proc.wait(timeout=30)
-        return 0 if inside.get("umount") == "refused: EINVAL" else 1
+        return 0 if inside.get("umount", "").startswith("refused") else 1
     finally:
         bundle.remove_bundle(path)

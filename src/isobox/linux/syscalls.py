@@ -258,3 +258,84 @@ def sethostname(name: str) -> None:
 def setdomainname(name: str) -> None:
     b = name.encode()
     _check(_libc.setdomainname(b, _UL(len(b))), "setdomainname", name)
+
+
+# --- mount-point queries (statx, linux/stat.h) and the rest of the mount attributes ---
+SYS_statx = 332
+STATX_MNT_ID = 0x1000
+STATX_ATTR_MOUNT_ROOT = 0x2000
+MOUNT_ATTR_NOATIME = 0x10
+MOUNT_ATTR_STRICTATIME = 0x20
+MOUNT_ATTR_NODIRATIME = 0x80
+MS_MGC_VAL = 0xC0ED0000
+MS_MGC_MSK = 0xFFFF0000
+
+
+def statx_mount(fd: int) -> tuple[int, bool]:
+    """(mount id, is the root of its mount) of what fd points at (an O_PATH fd is fine)."""
+    buf = ctypes.create_string_buffer(256)            # struct statx
+    _check(_syscall(_L(SYS_statx), _L(fd), _P(b""), _L(AT_EMPTY_PATH), _UL(STATX_MNT_ID), buf), "statx")
+    attributes, = struct.unpack_from("Q", buf.raw, 8)     # stx_attributes
+    mnt_id, = struct.unpack_from("Q", buf.raw, 0x90)      # stx_mnt_id
+    return mnt_id, bool(attributes & STATX_ATTR_MOUNT_ROOT)
+
+
+# --- filesystem type (statfs(2)) ---
+TMPFS_MAGIC = 0x01021994
+RAMFS_MAGIC = 0x858458F6
+
+
+def fstatfs(fd: int) -> int:
+    """f_type of the filesystem fd is on (an O_PATH fd is fine): the only field isobox reads."""
+    buf = ctypes.create_string_buffer(120)            # struct statfs; f_type is its first long
+    _check(_libc.fstatfs(ctypes.c_int(fd), buf), "fstatfs")
+    return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
+
+
+# --- another process's memory (process_vm_readv(2), process_vm_writev(2)) ---
+# Unlike /proc/<pid>/mem, these honour the target's page protections (a write to a read-only
+# page is EFAULT, as copy_to_user would be) and need no open: one syscall per access.
+class _IOVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_vm_local: list = []      # [threading.local()]: per thread, a page buffer and two iovecs, made once
+
+
+def _vm_iovs(size: int):
+    if not _vm_local:
+        import threading     # only the daemon reads other processes' memory; the runtime never
+        _vm_local.append(threading.local())
+    t = _vm_local[0]
+    if getattr(t, "size", 0) < size:
+        t.buf = ctypes.create_string_buffer(max(size, 4096))
+        t.size = max(size, 4096)
+        t.local, t.remote = _IOVec(), _IOVec()
+        t.local.iov_base = ctypes.cast(t.buf, ctypes.c_void_p).value
+    return t
+
+
+_process_vm_readv = _libc.process_vm_readv
+_process_vm_writev = _libc.process_vm_writev
+for _f in (_process_vm_readv, _process_vm_writev):
+    _f.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong, ctypes.c_ulong)
+    _f.restype = ctypes.c_ssize_t
+
+
+def process_vm_readv(pid: int, addr: int, size: int) -> bytes:
+    """Up to size bytes from pid's addr (fewer when the range runs into an unmapped page)."""
+    t = _vm_iovs(size)
+    t.local.iov_len = size
+    t.remote.iov_base, t.remote.iov_len = addr, size
+    n = _check(_process_vm_readv(pid, ctypes.addressof(t.local), 1, ctypes.addressof(t.remote), 1, 0),
+               "process_vm_readv", pid)
+    return t.buf.raw[:n] if n < 256 else ctypes.string_at(t.buf, n)
+
+
+def process_vm_writev(pid: int, addr: int, data: bytes) -> int:
+    t = _vm_iovs(len(data))
+    ctypes.memmove(t.buf, data, len(data))
+    t.local.iov_len = len(data)
+    t.remote.iov_base, t.remote.iov_len = addr, len(data)
+    return _check(_process_vm_writev(pid, ctypes.addressof(t.local), 1, ctypes.addressof(t.remote), 1, 0),
+                  "process_vm_writev", pid)

@@ -40,6 +40,9 @@ import array
 
 from isobox.errors import IsoboxError
 from isobox.ids.procinfo import host_pid as _host_pid
+# imported here, not when loading: the filter is loaded after the process entered the
+# container's mount namespace, where isobox's modules do not exist
+from isobox.seccomp import newer
 from isobox.seccomp.profile import TRAPPED, Profile, merge_trap, parse  # noqa: F401  (re-exported)
 
 TRAP_SOCKET_ENV = "ISOBOX_SECCOMP_TRAP_SOCKET"
@@ -151,6 +154,8 @@ def install(sec_or_spec, conn: _socket.socket | None = None, *, host_pid: int = 
 
 def _load_and_send(sec: Seccomp, conn: _socket.socket | None, host_pid: int) -> None:
     try:
+        if sec.trap_socket:
+            newer.load()            # what libseccomp cannot name (setxattrat) is ENOSYS
         fd = sec.compiled.load()
         if fd < 0:
             return

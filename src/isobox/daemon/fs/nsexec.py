@@ -12,14 +12,16 @@ the *calling task*, not of the procfs mount):
 """
 from __future__ import annotations
 
+import array
 import contextlib
 import errno
 import os
 import select
 import signal
+import socket
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from isobox.linux import syscalls as sc
@@ -290,3 +292,85 @@ def _collect(rfd: int, child: int) -> bytes:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(child, 0)
     return out
+
+
+# --- run_fn: an arbitrary operation as the caller, with an fd coming back -----------------------
+
+_FN_HDR = struct.Struct("=iq")      # errno (0 = ok), result; then the payload; an fd rides along
+
+
+def run_fn(pid: int, fn: Callable[[], tuple[int, bytes, int]], before: Callable[[], None] | None = None,
+           kinds: tuple[str, ...] = ()) -> tuple[int, bytes, int]:
+    """Run fn in a forked helper that joined pid's namespaces of the given kinds plus its user
+    namespace and took its credentials. before() runs first in the helper, still host root (to
+    join a mount namespace or chroot, which the caller's credentials may not allow). fn returns
+    (result, payload, fd or -1); the fd is passed back with SCM_RIGHTS and owned by the caller of
+    run_fn. Raises OSError with the errno fn (or becoming pid) failed with.
+
+    Both callables run in a child of a threaded process: they must only make syscalls (no
+    imports, no locks, no logging)."""
+    plan = _plan(pid, kinds)
+    parent, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        child = os.fork()
+        if child == 0:
+            parent.close()
+            _fn_child(plan, child_sock, fn, before)
+        child_sock.close()
+        reply, fds = _fn_collect(parent, child)
+    finally:
+        _close_plan(plan)
+        parent.close()
+        child_sock.close()
+    if len(reply) < _FN_HDR.size:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EIO, "helper died")
+    err, res = _FN_HDR.unpack_from(reply)
+    if err:
+        for fd in fds:
+            os.close(fd)
+        raise OSError(err, os.strerror(err))
+    for extra in fds[1:]:
+        os.close(extra)
+    return res, reply[_FN_HDR.size:], fds[0] if fds else -1
+
+
+def _fn_child(plan: _Plan, sock: socket.socket, fn, before) -> None:
+    """Never returns: becomes the caller, runs fn, sends the reply (and fd) and exits."""
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if before is not None:
+            before()
+        _become(plan)
+        res, payload, fd = fn()
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))] if fd >= 0 else []
+        sock.sendmsg([_FN_HDR.pack(0, res) + payload], anc)
+        os._exit(0)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            sock.sendmsg([_FN_HDR.pack(e.errno or errno.EIO, 0)])
+    except BaseException:
+        pass
+    os._exit(1)
+
+
+def _fn_collect(sock: socket.socket, child: int) -> tuple[bytes, list[int]]:
+    """One reply (with any fds) within the deadline; then reap the helper, killing it if late."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    msg, fds, done = b"", [], False
+    try:
+        if poller.poll(HELPER_TIMEOUT * 1000):
+            msg, anc, _flags, _addr = sock.recvmsg(MAX_READ, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+            for level, kind, data in anc:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds += array.array("i", data[:len(data) - len(data) % 4]).tolist()
+            done = True
+    finally:
+        if not done:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(child, 0)
+    return msg, fds

@@ -17,14 +17,17 @@ _fd: list[int] = []
 
 def _comm(pid: int) -> str:
     try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
+        fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        return os.read(fd, 64).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
 
 
 def record(call: Call, v: Verdict) -> dict:
-    decision = {"error": "refused", "value": "performed", "continue": "allowed"}[v.kind]
+    decision = {"error": "refused", "value": "performed", "answered": "performed", "continue": "allowed"}[v.kind]
     entry = {
         "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
         "container": call.container.id if call.container else "",

@@ -8,7 +8,6 @@ was reused) cannot be confused with it. Paths are resolved in the caller's root 
 from __future__ import annotations
 
 import errno
-import os
 from dataclasses import dataclass, field
 
 from isobox.daemon.fs.context import Container
@@ -28,25 +27,24 @@ class Call:
     detail: dict = field(default_factory=dict)   # decoded arguments, for the audit line
 
     def read(self, addr: int, size: int) -> bytes:
-        """Bytes of the caller's memory (EFAULT like the kernel when unreadable)."""
+        """Bytes of the caller's memory (EFAULT like the kernel when unreadable); fewer than
+        size when the range runs into an unmapped page. One process_vm_readv, no open: what
+        is read from a pid that was meanwhile reused is caught by valid() before acting."""
         if addr == 0:
             raise OSError(errno.EFAULT, "NULL pointer")
-        fd = os.open(f"/proc/{self.pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+        from isobox.linux.syscalls import process_vm_readv
         try:
-            return os.pread(fd, size, addr)
-        finally:
-            os.close(fd)
+            return process_vm_readv(self.pid, addr, size)
+        except OSError as e:
+            raise OSError(errno.EFAULT if e.errno != errno.ESRCH else errno.ESRCH, "bad address") from None
 
     def read_str(self, addr: int, limit: int = 4096) -> str:
         """A NUL-terminated string of the caller (ENAMETOOLONG past limit, as the kernel)."""
         out = b""
         while len(out) < limit:
-            try:
-                chunk = self.read(addr + len(out), min(256, limit - len(out)))
-            except OSError as e:
-                if out or e.errno != errno.EIO:
-                    raise OSError(errno.EFAULT, "bad address") from None
-                raise OSError(errno.EFAULT, "bad address") from None
+            # up to the end of the page: a string ending just before an unmapped page is fine
+            at = addr + len(out)
+            chunk = self.read(at, min(4096 - at % 4096, limit - len(out)))
             if not chunk:
                 raise OSError(errno.EFAULT, "bad address")
             end = chunk.find(b"\0")
@@ -59,12 +57,14 @@ class Call:
 @dataclass
 class Verdict:
     """CONTINUE: the kernel runs the syscall itself, with its own checks on the caller.
-    ERROR: the syscall fails with errno. VALUE: it returns value (the handler acted)."""
-    kind: str                     # "continue" | "error" | "value"
+    ERROR: the syscall fails with errno. VALUE: it returns value (the handler acted).
+    DEFER: see defer(). ANSWERED: the handler answered the kernel itself (ADDFD with SEND)."""
+    kind: str                     # "continue" | "error" | "value" | "defer" | "answered"
     errno: int = 0
     value: int = 0
     reason: str = ""              # why, in a few words, for the audit log and `isobox events`
     audit: bool = True            # False for routine continues (not logged)
+    work: object = None           # "defer": () -> Verdict, run on the pool (it forks or waits)
 
 
 def proceed(reason: str = "") -> Verdict:
@@ -77,3 +77,9 @@ def refuse(err: int, reason: str) -> Verdict:
 
 def done(value: int, reason: str) -> Verdict:
     return Verdict("value", value=value, reason=reason)
+
+
+def defer(work) -> Verdict:
+    """The decision needs slow work (helpers, mounts): the loop runs work() on its pool and
+    answers with the Verdict it returns, while other calls keep being served."""
+    return Verdict("defer", work=work)

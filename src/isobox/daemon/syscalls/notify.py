@@ -59,6 +59,8 @@ def id_valid(listener: int, cookie: int) -> bool:
 
 
 def send(listener: int, cookie: int, v: Verdict) -> None:
+    if v.kind == "answered":
+        return                  # the handler's ADDFD with FLAG_SEND was the answer
     if v.kind == "continue":
         resp = NOTIF_RESP.pack(cookie, 0, 0, SECCOMP_USER_NOTIF_FLAG_CONTINUE)
     elif v.kind == "error":
@@ -76,8 +78,9 @@ def add_fd(listener: int, cookie: int, fd: int, cloexec: bool) -> int:
     """Installs fd in the caller and makes it the syscall's return value, atomically
     (SECCOMP_ADDFD_FLAG_SEND, Linux 5.14): for opens performed on the caller's behalf."""
     flags = os.O_CLOEXEC if cloexec else 0
-    return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD,
-                       ADDFD.pack(cookie, SECCOMP_ADDFD_FLAG_SEND, fd, 0, flags))
+    # a mutable buffer: only then does fcntl.ioctl return the ioctl's result (the new fd)
+    buf = bytearray(ADDFD.pack(cookie, SECCOMP_ADDFD_FLAG_SEND, fd, 0, flags))
+    return fcntl.ioctl(listener, SECCOMP_IOCTL_NOTIF_ADDFD, buf, True)
 
 
 def decode(raw: bytes) -> tuple[int, int, int, int, tuple[int, ...]]:
@@ -167,28 +170,54 @@ class Notifier:
         if syscall_name(arch, nr) in self.slow:
             self.pool.submit(self._handle_raw, fd, key, raw, container)
         else:
-            self._handle_raw(fd, key, raw, container)
+            self._handle_raw(fd, key, raw, container, inline=True)
 
-    def _handle_raw(self, fd: int, key: str, raw: bytes, container) -> None:
+    def _handle_raw(self, fd: int, key: str, raw: bytes, container, inline: bool = False) -> None:
         slot = self.inflight.begin(key, raw) if self.inflight is not None else -1
+        finished = True
         try:
-            self.handle(make_call(fd, raw, container))
+            call = make_call(fd, raw, container)
+            handler = self.handlers.get(call.name)
+            if inline and handler is not None:
+                v = self._decide(call, handler)
+                if v.kind == "defer":      # the slow part goes to the pool; the loop moves on
+                    finished = False
+                    self.pool.submit(self._finish, call, v.work, slot)
+                    return
+                self._answer(call, v)
+            else:
+                self.handle(call)
+        finally:
+            if finished and self.inflight is not None:
+                self.inflight.end(slot)
+
+    def _finish(self, call: Call, work, slot: int) -> None:
+        try:
+            self._answer(call, self._decide(call, work, deferred=True))
         finally:
             if self.inflight is not None:
                 self.inflight.end(slot)
 
     def handle(self, call: Call) -> Verdict:
         handler = self.handlers.get(call.name)
+        v = self._decide(call, handler) if handler is not None else \
+            Verdict("continue", reason="no handler", audit=False)
+        if v.kind == "defer":
+            return self._answer(call, self._decide(call, v.work, deferred=True))
+        return self._answer(call, v)
+
+    def _decide(self, call: Call, fn, deferred: bool = False) -> Verdict:
         try:
-            if handler is None:
-                v = Verdict("continue", reason="no handler", audit=False)
-            else:
-                v = handler(call)
+            return fn() if deferred else fn(call)
         except OSError as e:
-            v = Verdict("error", errno=e.errno or errno.EPERM, reason=f"{e.strerror or e}")
+            return Verdict("error", errno=e.errno or errno.EPERM, reason=f"{e.strerror or e}")
         except Exception as e:  # noqa: BLE001 - a bug in a handler refuses the call, never crashes the daemon
             log.exception("%s handler failed", call.name)
-            v = Verdict("error", errno=errno.EPERM, reason=f"isoboxd error: {type(e).__name__}")
+            return Verdict("error", errno=errno.EPERM, reason=f"isoboxd error: {type(e).__name__}")
+
+    def _answer(self, call: Call, v: Verdict) -> Verdict:
+        if v.kind == "defer":
+            v = Verdict("error", errno=errno.EPERM, reason="isoboxd error: deferred twice")
         try:
             send(call.listener, call.id, v)
         except OSError as e:

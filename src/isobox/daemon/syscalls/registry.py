@@ -7,7 +7,7 @@ from isobox.daemon.syscalls.call import Call, Verdict
 
 HANDLERS: dict[str, Callable[[Call], Verdict]] = {}
 SLOW: set[str] = set()          # handled on the pool: they fork helpers or wait on mounts
-MODULES = ("setid", "sysinfo", "mount", "mknod")      # isobox.daemon.syscalls.<name>
+MODULES = ("setid", "sysinfo", "mount", "mknod", "umount", "mountapi")      # isobox.daemon.syscalls.<name>
 
 
 def handles(*names: str, slow: bool = False):

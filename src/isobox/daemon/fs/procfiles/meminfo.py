@@ -47,9 +47,13 @@ def values(view) -> dict[str, int]:
         "Zswap": k("zswap"),
         "Zswapped": k("zswapped"),
     }
-    if "slab" in st:  # v2 only; v1 memory.stat has no slab split, so those lines pass through
-        out.update({"Slab": k("slab"), "SReclaimable": k("slab_reclaimable"),
-                    "SUnreclaim": k("slab_unreclaimable"), "KReclaimable": k("slab_reclaimable")})
+    # v1 memory.stat has no slab split. The host's lines cannot pass through: busybox `free`
+    # adds SReclaimable to buff/cache, so the host's slab made "used" negative in a small
+    # container. 0 is what the cgroup lets us know.
+    out.update({"Slab": k("slab"), "SReclaimable": k("slab_reclaimable"),
+                "SUnreclaim": k("slab_unreclaimable"), "KReclaimable": k("slab_reclaimable"),
+                # mlocked pages are unevictable; the host's count can exceed the container's memory
+                "Mlocked": min(k("unevictable"), limit // 1024)})
     sw = swap_kb(view)
     if sw is not None:
         out["SwapTotal"], out["SwapFree"] = sw[0], sw[0] - sw[1]

@@ -1,0 +1,116 @@
+"""mount(2) for containers.
+
+New proc and sysfs mounts are performed by isoboxd (nsmount.new_fs), because the kernel
+refuses them to everyone inside a container whose /proc carries locked overmounts; the new
+filesystem gets the same isoboxd nodes and masks as the container's own, locked. Filesystems
+no user namespace may mount (block-device filesystems, anything exposing host state) are
+refused with EPERM and a reason. Everything else — remounts, binds, moves, propagation
+changes, tmpfs, overlay, devpts, mqueue, cgroup, fuse — continues: the kernel's own checks on
+the caller (capabilities in the owning user namespace, locked mounts) are the policy there."""
+from __future__ import annotations
+
+import errno
+import os
+import re
+
+from isobox.daemon.syscalls import nsmount
+from isobox.daemon.syscalls.call import Call, Verdict, defer, done, proceed, refuse
+from isobox.daemon.syscalls.registry import handles
+from isobox.linux import syscalls as sc
+
+CAP_SYS_ADMIN = 21
+EMULATED_TYPES = ("proc", "sysfs")
+# FS_USERNS_MOUNT filesystems (the kernel mounts them for a user namespace's root itself)
+USERNS_TYPES = frozenset({"tmpfs", "ramfs", "overlay", "devpts", "mqueue", "cgroup", "cgroup2", "fuse",
+                          "binfmt_misc", "bpf", "tracefs"})
+# flags that change or move an existing mount: the kernel decides, on locked mounts too
+EXISTING = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_MOVE | sc.MS_SHARED | sc.MS_PRIVATE | sc.MS_SLAVE | sc.MS_UNBINDABLE
+FLAG_NAMES = {v: n for n, v in vars(sc).items() if n.startswith("MS_") and n not in ("MS_MGC_VAL", "MS_MGC_MSK")}
+ATTRS = ((sc.MS_RDONLY, sc.MOUNT_ATTR_RDONLY), (sc.MS_NOSUID, sc.MOUNT_ATTR_NOSUID),
+         (sc.MS_NODEV, sc.MOUNT_ATTR_NODEV), (sc.MS_NOEXEC, sc.MOUNT_ATTR_NOEXEC),
+         (sc.MS_NOATIME, sc.MOUNT_ATTR_NOATIME), (sc.MS_NODIRATIME, sc.MOUNT_ATTR_NODIRATIME),
+         (sc.MS_STRICTATIME, sc.MOUNT_ATTR_STRICTATIME), (sc.MS_NOSYMFOLLOW, sc.MOUNT_ATTR_NOSYMFOLLOW))
+# runc mounts on the rootfs through its own O_PATH descriptors ("/proc/self/fd/6"): the
+# mount helper is not the caller, so it gets the caller's descriptor instead of the magic link
+SELF_FD = re.compile(r"^/proc/(?:self|thread-self)/fd/(\d+)$")
+
+
+def flag_names(flags: int) -> str:
+    names = [n for bit, n in sorted(FLAG_NAMES.items()) if bit & flags]
+    rest = flags & ~sum(FLAG_NAMES)
+    return "|".join(names + ([hex(rest)] if rest else [])) or "0"
+
+
+def has_cap(pid: int, cap: int) -> bool:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> cap & 1)
+    return False
+
+
+def _opt_str(call: Call, addr: int, limit: int = 4096) -> str | None:
+    return call.read_str(addr, limit) if addr else None
+
+
+@handles("mount")
+def mount(call: Call) -> Verdict:
+    src_p, target_p, type_p, flags, data_p = call.args[:5]
+    if flags & sc.MS_MGC_MSK == sc.MS_MGC_VAL:      # the pre-2.4 magic: the kernel ignores it
+        flags &= ~sc.MS_MGC_MSK
+    source = _opt_str(call, src_p)
+    target = call.read_str(target_p)
+    fstype = _opt_str(call, type_p, 256) if not flags & (sc.MS_BIND | sc.MS_MOVE) else None
+    call.detail.update(source=source, target=target, fstype=fstype, flags=flag_names(flags))
+    if flags & EXISTING:
+        return proceed("changes an existing mount: the kernel's checks (locked mounts) apply")
+    if fstype in EMULATED_TYPES:
+        # proc and sysfs data are short option strings (hidepid=, gid=, subset=)
+        data = _opt_str(call, data_p, 4096) if data_p else None
+        call.detail["data"] = data
+        return defer(lambda: _new_fs(call, fstype, target, flags, data))
+    if fstype is None or fstype in USERNS_TYPES or fstype.startswith("fuse."):
+        return proceed("a filesystem user namespaces may mount: the kernel checks the caller")
+    return refuse(errno.EPERM, f"{fstype} cannot be mounted in a container (block device or host filesystem)")
+
+
+def fs_options(data: str | None) -> list[tuple[str, str | None]]:
+    """Legacy mount data "a=b,c" as fsconfig (key, value) pairs; a flag has no value."""
+    out: list[tuple[str, str | None]] = []
+    for item in (data or "").split(","):
+        if item:
+            k, eq, v = item.partition("=")
+            out.append((k, v if eq else None))
+    return out
+
+
+def mount_attrs(flags: int) -> int:
+    return sum(attr for ms, attr in ATTRS if flags & ms)
+
+
+def _new_fs(call: Call, fstype: str, target: str, flags: int, data: str | None) -> Verdict:
+    if call.container is None:
+        return refuse(errno.EPERM, "not a registered container")
+    if not has_cap(call.pid, CAP_SYS_ADMIN):
+        return refuse(errno.EPERM, f"{fstype} mount without CAP_SYS_ADMIN")
+    caller = nsmount.open_caller(call.pid)
+    target_fd = None
+    try:
+        m = SELF_FD.match(target)
+        if m:
+            try:
+                target_fd = os.open(f"/proc/{call.pid}/fd/{m.group(1)}", os.O_PATH | os.O_CLOEXEC)
+            except FileNotFoundError:
+                return refuse(errno.ENOENT, f"caller has no descriptor {m.group(1)}")
+        if not call.valid():                    # the fds above are the caller's, not a reused pid's
+            return refuse(errno.ESRCH, "caller went away")
+        nsmount.new_fs(caller, nsmount.NewFs(fstype, target, fs_options(data), mount_attrs(flags),
+                                             call.container.key, call.detail.get("source"), target_fd))
+    finally:
+        caller.close()
+        if target_fd is not None:
+            os.close(target_fd)
+    if not call.valid():
+        return refuse(errno.EINTR, "caller went away while mounting")
+    return done(0, f"new {fstype} with isoboxd's nodes and masks")
+
