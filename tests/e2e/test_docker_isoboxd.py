@@ -29,3 +29,22 @@ def test_privileged_sysctl_stays_in_the_container(dockerd):
         assert out.strip() == new
         with open("/proc/sys/vm/overcommit_memory") as f:
             assert f.read().strip() == host
+
+
+def test_privileged_cannot_plant_a_setuid_root_file_in_a_host_bind(dockerd, tmp_path):
+    """-v HOSTDIR:/data keeps host owners: a set-uid file there would be host root's. isoboxd
+    refuses the set-id chmod on host binds, and the audit log says why."""
+    import stat
+    import subprocess
+    host = tmp_path / "plant"
+    host.mkdir()
+    with running(dockerd, "--privileged", "-v", f"{host}:/data") as c:
+        r = dockerd("exec", c, "sh", "-c", "cp /bin/busybox /data/bb && chmod 4755 /data/bb")
+        assert r.returncode != 0 and "not permitted" in r.stderr.lower(), (r.stdout, r.stderr)
+        st = os.stat(host / "bb")
+        assert st.st_uid == 0 and not st.st_mode & (stat.S_ISUID | stat.S_ISGID)
+        # inside the container's own rootfs the same chmod works (it harms no host user)
+        ex(dockerd, c, "sh", "-c", "cp /bin/busybox /bb && chmod 4755 /bb && test -u /bb")
+        cid = dockerd("inspect", "-f", "{{.Id}}", c).stdout.strip()
+        ev = subprocess.run(["isobox", "events", cid], capture_output=True, text=True, timeout=30)
+        assert "chmod" in ev.stdout and "refused" in ev.stdout and "/data/bb" in ev.stdout, ev.stdout

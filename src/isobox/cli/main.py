@@ -20,6 +20,8 @@ USAGE = """usage: isobox COMMAND
                              what isoboxd refused or did for containers, and why
   daemon [--status | --stop [--force]]
                              run isoboxd in the foreground (for service managers), show or stop it
+  gate --listen SOCKET --engine SOCKET [--policy FILE] [--mode MODE] [--group GROUP]
+                             serve the Docker API on SOCKET, enforcing the policy, in front of dockerd's
   demo                       run a privileged container and show what it believes next to what the host sees
 """
 
@@ -121,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "daemon":
             from isobox.cli.daemon import daemon
             return daemon(rest)
+        if cmd == "gate":
+            from isobox.cli.gate import gate
+            return gate(rest)
         if cmd == "demo":
             from isobox.cli.demo import demo
             return demo()

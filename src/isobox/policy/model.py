@@ -17,6 +17,15 @@ than tomllib.
     max_push = false                 # true: a container raising fs.file-max, nf_conntrack_max ... above
                                      # the host's value raises the host's too (Sysbox's max-push)
 
+    [gate]                           # the Docker API gate (isobox gate); the runtime ignores it
+    runtime = "isobox"               # dockerd's name for isobox-runc: every container is made to use it
+    allow_swarm = false              # true: swarm init/join and services pass
+    allow_plugins = false            # true: managed plugins may be installed, upgraded and enabled
+    socket_images = [                # images that may bind-mount the engine socket, by what dockerd
+        "sha256:<image id>",         # resolved (image ID, or repo@sha256:<manifest digest>): never a tag
+        { image = "repo@sha256:<digest>", api = ["GET /containers/json", "POST /containers/*/start"] },
+    ]                                # api: the only calls requests from inside such a container may make
+
 Path rules for a bind source (its canonical path, symlinks resolved by the kernel):
 refused if it IS a denied path, lies BELOW one (unless inside an allow_below subtree), or
 is an ANCESTOR of one (binding /var exposes /var/lib/docker). "/" is denied as itself only:
@@ -66,7 +75,24 @@ _KEYS = {
     "mounts": {"deny": "paths", "deny_extra": "paths", "allow_below": "paths", "writable_idmapped_binds": "bool"},
     "devices": {"allow": "paths"},
     "sysctl": {"max_push": "bool"},
+    "gate": {"runtime": "name", "allow_swarm": "bool", "allow_plugins": "bool", "socket_images": "images"},
 }
+
+# An image is named by what dockerd resolved it to, never by a tag (`docker tag` forges tags):
+# its ID (the config digest) or a repo digest (the registry manifest's digest, content-addressed).
+# (Patterns compiled only when a [gate] key is read: isobox-runc reads this file on every call.)
+_IMAGE_REF = r"(?:[a-z0-9][a-z0-9._/:-]*@)?sha256:[0-9a-f]{64}"
+# One API call: "METHOD /path" ("*" = any method; in the path "*" = one component, a final
+# "**" = anything below), the path without its /v1.xx prefix.
+_API_CALL = r"(?:\*|GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) /[^\s]*"
+_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+
+
+@dataclass(frozen=True)
+class SocketImage:
+    """An image whose containers may bind-mount the engine socket."""
+    image: str                                # sha256:<id> or repo@sha256:<digest>
+    api: tuple[str, ...] | None = None        # None: any call; else only these from inside its containers
 
 
 def _norm(p: str) -> str:
@@ -99,6 +125,10 @@ class Policy:
     writable_idmapped_binds: bool = True
     devices: tuple[str, ...] = DEFAULT_DEVICES
     sysctl_max_push: bool = False             # isoboxd may raise a host-global sysctl a container raised
+    gate_runtime: str = "isobox"              # the dockerd runtime name every container is given
+    gate_allow_swarm: bool = False
+    gate_allow_plugins: bool = False
+    gate_socket_images: tuple[SocketImage, ...] = ()
 
     def denied(self) -> list[tuple[str, str]]:
         """(rule key, path) for every denied path."""
@@ -214,6 +244,13 @@ def _from_data(data: dict, path: str) -> Policy:
                 if not isinstance(v, bool):
                     raise IsoboxError(f"policy {path}: {name} must be true or false")
                 vals[name] = v
+            elif kind == "name":
+                import re
+                if not isinstance(v, str) or not re.fullmatch(_NAME, v):
+                    raise IsoboxError(f"policy {path}: {name} must be a runtime name (letters, digits, . _ -)")
+                vals[name] = v
+            elif kind == "images":
+                vals[name] = _socket_images(v, name, path)
             else:
                 if not isinstance(v, list) or not all(isinstance(x, str) and x.startswith("/") for x in v):
                     raise IsoboxError(f"policy {path}: {name} must be a list of absolute paths")
@@ -222,7 +259,37 @@ def _from_data(data: dict, path: str) -> Policy:
         path=path, deny=vals.get("mounts.deny", DEFAULT_DENY), deny_extra=vals.get("mounts.deny_extra", ()),
         allow_below=vals.get("mounts.allow_below", DEFAULT_ALLOW_BELOW),
         writable_idmapped_binds=vals.get("mounts.writable_idmapped_binds", True),
-        devices=vals.get("devices.allow", DEFAULT_DEVICES), sysctl_max_push=vals.get("sysctl.max_push", False))
+        devices=vals.get("devices.allow", DEFAULT_DEVICES), sysctl_max_push=vals.get("sysctl.max_push", False),
+        gate_runtime=vals.get("gate.runtime", "isobox"), gate_allow_swarm=vals.get("gate.allow_swarm", False),
+        gate_allow_plugins=vals.get("gate.allow_plugins", False),
+        gate_socket_images=vals.get("gate.socket_images", ()))
+
+
+def _socket_images(v, name: str, path: str) -> tuple[SocketImage, ...]:
+    """gate.socket_images: strings (any API call) or tables {image = ..., api = [...]}."""
+    import re
+    if not isinstance(v, list):
+        raise IsoboxError(f"policy {path}: {name} must be a list of image IDs or digests")
+    out: list[SocketImage] = []
+    for item in v:
+        api = None
+        if isinstance(item, dict):
+            unknown = set(item) - {"image", "api"}
+            if unknown:
+                raise IsoboxError(f"policy {path}: unknown key {name}.{sorted(unknown)[0]} (known: image, api)")
+            ref, api = item.get("image"), item.get("api")
+            if api is not None:
+                if not isinstance(api, list) or not all(isinstance(a, str) and re.fullmatch(_API_CALL, a) for a in api):
+                    raise IsoboxError(f'policy {path}: {name}.api must be a list of "METHOD /path" calls '
+                                      f'(e.g. "GET /containers/json", "POST /containers/*/start")')
+                api = tuple(api)
+        else:
+            ref = item
+        if not isinstance(ref, str) or not re.fullmatch(_IMAGE_REF, ref):
+            raise IsoboxError(f"policy {path}: {name}: {ref!r} is not an image ID (sha256:<64 hex>) or digest "
+                              f"(repo@sha256:<64 hex>); tags are not accepted: `docker tag` can forge them")
+        out.append(SocketImage(ref, api))
+    return tuple(out)
 
 
 def load(path: str | None = None) -> Policy:
@@ -277,4 +344,15 @@ def default_toml() -> str:
         "[devices]\n"
         "# Host device nodes a spec (privileged or not) may receive; any other is not passed.\n"
         "# null, zero, full, random, urandom and tty are always given (the OCI default devices).\n"
-        f"allow = {_toml_list(DEFAULT_DEVICES)}\n")
+        f"allow = {_toml_list(DEFAULT_DEVICES)}\n\n"
+        "[gate]\n"
+        "# The Docker API gate (isobox gate). The dockerd runtime name of isobox-runc: every container\n"
+        "# is created with it whatever --runtime says.\n"
+        "runtime = \"isobox\"\n"
+        "# Swarm (init, join, services) and managed plugins are refused unless allowed here.\n"
+        "allow_swarm = false\n"
+        "allow_plugins = false\n"
+        "# Images that may bind-mount the engine socket, by image ID or repo digest (never a tag), e.g.\n"
+        "#   \"sha256:<64 hex>\", or { image = \"repo@sha256:<64 hex>\", api = [\"GET /containers/json\"] }\n"
+        "# to limit what requests from inside its containers may call.\n"
+        "socket_images = []\n")
