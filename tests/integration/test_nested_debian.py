@@ -193,11 +193,13 @@ def test_distro_runc_runs_inner_container(suite, mode, sup, runtime, tree, tools
 
 @pytest.mark.parametrize("suite", ["trixie"])
 def test_runc_cgroupfs_openat2(suite, sup, runtime, tree, tools):
-    """runc's first openat2 is openat2(-1, "/sys/fs/cgroup", O_PATH|O_DIRECTORY): the kernel
-    ignores dirfd for an absolute path, so must isoboxd (else runc warns and falls back to
-    securejoin for every cgroup file)."""
+    """runc opens cgroup files with openat2 when the kernel has it; isoboxd answers ENOSYS
+    (as a kernel before 5.6 would), and runc must then work without warnings."""
     r = run_sh(runtime, tree, INNER.replace("SPECFLAGS", ""), spec_edit(tools))
     assert kv(r.stdout).get("runc") == "0", (r.stdout, r.stderr)
     assert "falling back to securejoin" not in r.stderr, r.stderr
-    bad = [(d, why) for s, d, k, why in sup.verdicts if s == "openat2" and k == "error"]
-    assert not bad, bad
+    # isoboxd answers openat2 with ENOSYS (its open_how lives in memory): runc remembers the
+    # first answer and quietly uses openat from then on
+    calls = [why for s, d, k, why in sup.verdicts if s == "openat2"]
+    assert all("not available" in why for why in calls), calls
+    assert len(calls) <= 3, calls

@@ -464,9 +464,8 @@ def openat2(call: Call) -> Verdict:
     so a decision on it could only be kept by performing every openat2 in a forked helper
     (runc resolves each cgroup and rootfs path with it); its callers (runc, systemd,
     libpathrs) fall back to openat, whose set-id creates the filter traps by argument."""
-    v = refuse(errno.ENOSYS, "openat2 is not available in isobox containers (callers fall back to openat)")
-    v.audit = False
-    return v
+    # audited like every refusal: callers such as runc stop trying after the first ENOSYS
+    return refuse(errno.ENOSYS, "openat2 is not available in isobox containers (callers fall back to openat)")
 
 
 @handles("setxattr", "lsetxattr", "fsetxattr", slow=True)
