@@ -94,25 +94,29 @@ class FdStore:
         srv.listen(128)
         while True:
             conn, _ = srv.accept()
+            # one thread per connection: anyone may connect, and a client that never sends must
+            # not hold up the listeners of containers behind it
+            threading.Thread(target=self._take, args=(conn,), daemon=True).start()
+
+    def _take(self, conn: socket.socket) -> None:
+        with conn:
             try:
                 conn.settimeout(5)
                 conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
                 msg, fd, pid = recv_fd(conn)
                 if fd is None:
-                    continue
+                    return
                 try:
                     meta = json.loads(msg)
                     if not isinstance(meta, dict):
                         raise ValueError("not an object")
                 except ValueError:
                     os.close(fd)
-                    continue
+                    return
                 meta["peer"] = pid
                 self.put(meta, fd)
             except OSError as e:
                 log.warning("trap socket: %s", e)
-            finally:
-                conn.close()
 
     def serve_channel(self, channel: socket.socket) -> None:
         """Reads "drop <slot>" from one server generation until it goes away."""
