@@ -144,6 +144,7 @@ class Dockerd:
         self.env = dict(os.environ, DOCKER_HOST=f"unix://{self.sock}", DOCKER_BUILDKIT="0",
                         DOCKER_CONFIG=os.path.join(tmp, "cli"))
         self.default_runtime: str | None = None
+        self.path_prefix: str | None = None     # a directory put first on dockerd's PATH (BuildKit's runc)
 
     # -- daemon -----------------------------------------------------------------------
     def start(self, default_runtime: str | None = None) -> None:
@@ -157,6 +158,8 @@ class Dockerd:
         os.makedirs(DOCKER_EXEC, exist_ok=True)
         env = dict(os.environ, ISOBOX_ARGV_LOG=self.argv_log)
         env.pop("DOCKER_HOST", None)
+        if self.path_prefix:
+            env["PATH"] = f"{self.path_prefix}:{env.get('PATH', '/usr/sbin:/usr/bin:/sbin:/bin')}"
         log = open(self.log_path, "a")
         self.proc = subprocess.Popen(
             [DOCKERD, "--config-file", self.config, "--host", f"unix://{self.sock}", "--data-root", DOCKER_DATA,

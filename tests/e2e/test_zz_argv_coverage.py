@@ -53,6 +53,8 @@ COVERED: dict[tuple[str, tuple[str, ...]], str] = {
     ("pause", ()): f"{FORMS}::test_conmon_create_start_kill_delete_force",
     ("resume", ()): f"{FORMS}::test_conmon_create_start_kill_delete_force",
     ("delete", ("--force",)): f"{FORMS}::test_conmon_create_start_kill_delete_force",
+    # dockerd 20.10's BuildKit (go-runc Run: no --root, foreground, stdio pipes)
+    ("run", tuple(sorted(("--bundle",) + CONMON_LOG))): f"{FORMS}::test_buildkit_run_foreground",
 }
 
 

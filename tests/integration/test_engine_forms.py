@@ -198,3 +198,19 @@ def test_conmon_terminal_create_and_exec_tty(runtime, busybox_rootfs, default_ro
     finally:
         os.close(master)
     assert quiet([*RUNC, "delete", "--force", cid], tmp=runtime.tmp).returncode == 0
+
+
+# ---------------------------------------------------------------------------- dockerd's BuildKit (go-runc)
+def test_buildkit_run_foreground(runtime, busybox_rootfs, default_root_ids, tmp_path):
+    """dockerd 20.10's BuildKit runs each RUN step as `runc --log L --log-format json run --bundle B ID`
+    (go-runc Run, no --root: the default state dir; stdio are pipes; recorded by tests/e2e/test_gate_buildkit.py):
+    foreground, the step's exit status is run's, and nothing is left in the state dir."""
+    bundle = runtime.bundle(busybox_rootfs, ["sh", "-c", "cat /proc/self/uid_map; exit 3"])
+    cid = "bk" + os.urandom(5).hex()
+    default_root_ids.append(cid)
+    log = os.path.join(bundle, "runc-log.json")
+    r = quiet([*RUNC, "--log", log, "--log-format", "json", "run", "--bundle", bundle, cid], tmp=runtime.tmp)
+    assert r.returncode == 3, r.stderr
+    inside, host_base, count = r.stdout.split()
+    assert inside == "0" and int(host_base) > 0 and count == "65536", r.stdout
+    assert _status(runtime, cid, root="/run/isobox") is None      # run deletes what it made

@@ -112,6 +112,12 @@ def checks() -> list[tuple[str, str, str]]:
         for engine, binary in (("docker", "dockerd"), ("containerd", "containerd"), ("podman", "podman")):
             found = shutil.which(binary)
             out.append((engine, WARN, (f"found at {found}; " if found else "not installed; ") + f"status unknown: {e}"))
+    if shutil.which("dockerd"):
+        try:   # is /var/run/docker.sock an isobox gate, and is BuildKit's runc isobox's
+            from isobox.engines.gate_install import doctor_rows as gate_rows
+            out.extend(gate_rows())
+        except Exception as e:  # noqa: BLE001
+            out.append(("docker gate", WARN, f"status unknown: {e}"))
     return out
 
 

@@ -1,4 +1,4 @@
-"""`isobox gate --listen SOCKET --engine SOCKET [--policy FILE] [--mode MODE] [--group GROUP]`:
+"""`isobox gate --listen SOCKET --engine SOCKET [--policy FILE] [--mode MODE] [--group GROUP] [--owner USER]`:
 the Docker API gate in the foreground (for service managers and tests)."""
 from __future__ import annotations
 
@@ -28,11 +28,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--mode", help="octal mode of the listen socket (default: the socket it replaces, "
                                   "else the engine's)")
     p.add_argument("--group", help="group of the listen socket (name or GID; default as for --mode)")
+    p.add_argument("--owner", help="owner of the listen socket (name or UID; default as for --mode): "
+                                   "isobox install --gate passes the replaced socket's owner")
     try:
         return p.parse_args(argv)
     except SystemExit as e:
         raise IsoboxError("usage: isobox gate --listen SOCKET --engine SOCKET [--policy FILE] "
-                          "[--mode MODE] [--group GROUP]") if e.code else e
+                          "[--mode MODE] [--group GROUP] [--owner USER]") if e.code else e
 
 
 def _alive(path: str) -> bool:
@@ -64,6 +66,12 @@ def _perms(args: argparse.Namespace) -> Perms:
             gid = int(args.group) if args.group.isdigit() else grp.getgrnam(args.group).gr_gid
         except KeyError:
             raise IsoboxError(f"--group {args.group!r}: no such group") from None
+    if args.owner is not None:
+        import pwd
+        try:
+            uid = int(args.owner) if args.owner.isdigit() else pwd.getpwnam(args.owner).pw_uid
+        except KeyError:
+            raise IsoboxError(f"--owner {args.owner!r}: no such user") from None
     if args.mode is not None:
         try:
             mode = int(args.mode, 8)

@@ -11,16 +11,17 @@ USAGE = """usage: isobox COMMAND
   run [--privileged] [--memory SIZE] [--cpus N] [--rootfs DIR | IMAGE] [CMD...]
                              run CMD (default: sh) in a new isolated container
   doctor                     check what isobox needs from the kernel and the host
-  install [--docker] [--containerd] [--podman] [--default]
+  install [--docker] [--containerd] [--podman] [--default] [--gate]
                              register isobox-runc with the engines (no flag: every engine on PATH);
-                             --default makes it their default runtime; prints what to reload
-  uninstall [--docker] [--containerd] [--podman]
+                             --default makes it their default runtime; --gate moves dockerd's socket
+                             behind `isobox gate` and gives BuildKit isobox's runc; prints what to reload
+  uninstall [--docker] [--containerd] [--podman] [--gate]
                              remove what install added (the .isobox-backup files stay)
   events [--follow] [--json] [CONTAINER]
                              what isoboxd refused or did for containers, and why
   daemon [--status | --stop [--force]]
                              run isoboxd in the foreground (for service managers), show or stop it
-  gate --listen SOCKET --engine SOCKET [--policy FILE] [--mode MODE] [--group GROUP]
+  gate --listen SOCKET --engine SOCKET [--policy FILE] [--mode MODE] [--group GROUP] [--owner USER]
                              serve the Docker API on SOCKET, enforcing the policy, in front of dockerd's
   demo                       run a privileged container and show what it believes next to what the host sees
 """

@@ -15,8 +15,10 @@ ENGINES = {
     "podman": ("--podman", "podman", "podman"),
 }
 
-USAGE = ("usage: isobox {install|uninstall} [--docker] [--containerd] [--podman] [--default]\n"
-         "  no engine flag: every engine found on PATH (dockerd, containerd, podman)\n")
+USAGE = ("usage: isobox {install|uninstall} [--docker] [--containerd] [--podman] [--default] [--gate]\n"
+         "  no engine flag: every engine found on PATH (dockerd, containerd, podman)\n"
+         "  --gate: dockerd's socket moves to a root-only path and `isobox gate` serves /var/run/docker.sock;\n"
+         "          BuildKit's runc becomes isobox-runc (install --gate also registers the docker runtime)\n")
 
 
 def _module(name: str):
@@ -28,6 +30,10 @@ def parse_args(argv: list[str], uninstall: bool) -> tuple[list[str], bool]:
     chosen: list[str] = []
     default = False
     flags = {v[0]: k for k, v in ENGINES.items()}
+    gate = "--gate" in argv
+    argv = [a for a in argv if a != "--gate"]
+    if gate and not uninstall and "--docker" not in argv:
+        chosen.append("docker")    # the gate rewrites every create to the isobox runtime: register it
     for a in argv:
         if a in flags:
             if flags[a] not in chosen:
@@ -38,7 +44,10 @@ def parse_args(argv: list[str], uninstall: bool) -> tuple[list[str], bool]:
             pass   # uninstall always restores the default it changed
         else:
             raise IsoboxError(f"unknown argument {a!r} (usage: isobox {'un' if uninstall else ''}install "
-                              "[--docker] [--containerd] [--podman]" + ("" if uninstall else " [--default]") + ")")
+                              "[--docker] [--containerd] [--podman]" + ("" if uninstall else " [--default]")
+                              + " [--gate])")
+    if not chosen and gate:
+        return [], default         # `uninstall --gate` reverts the gate only
     if not chosen:
         chosen = [k for k, v in ENGINES.items() if shutil.which(v[1])]
         if not chosen:
@@ -52,6 +61,7 @@ def run(argv: list[str], uninstall: bool = False) -> int:
         print(USAGE, end="")
         return 0
     engines, default = parse_args(argv, uninstall)
+    gate = "--gate" in argv
     if not uninstall and not os.path.exists(c.RUNC_BINARY):
         print(f"isobox: warning: {c.RUNC_BINARY} does not exist yet (run scripts/setup.sh); "
               "the engines will fail to start isobox containers until it does")
@@ -66,7 +76,21 @@ def run(argv: list[str], uninstall: bool = False) -> int:
             continue
         for line in out.lines():
             print(line)
+    if gate:
+        failed += _run_gate(uninstall)
     return 1 if failed else 0
+
+
+def _run_gate(uninstall: bool) -> int:
+    from isobox.engines import gate_install
+    try:
+        out = gate_install.uninstall() if uninstall else gate_install.install()
+    except IsoboxError as e:
+        print(f"gate: {e}")
+        return 1
+    for line in out.lines():
+        print(line)
+    return 0
 
 
 def _status(name: str) -> tuple[bool, bool, str, str, str]:
