@@ -57,7 +57,7 @@ def reader(uid: int = 0, inner_netns: bool = False) -> Iterator[int]:
                 if not inner_netns:
                     os.write(up_w, b"r")
                 signal.pause()
-            os.write(up_w, pid1.to_bytes(4, "little"))
+            os.write(up_w, b"P" + pid1.to_bytes(4, "little"))   # one atomic write: never split by the "r"
             signal.pause()
         finally:
             os._exit(0)
@@ -71,10 +71,11 @@ def reader(uid: int = 0, inner_netns: bool = False) -> Iterator[int]:
                 f.write(f"0 {BASE} 65536")
         os.write(go_w, b"g")
         got = b""
-        while len(got) < 5:
-            got += os.read(up_r, 5 - len(got))
-        ready = got.index(b"r")
-        pid1 = int.from_bytes((got[:ready] + got[ready + 1:])[:4], "little")
+        while len(got) < 6:
+            got += os.read(up_r, 6 - len(got))
+        # "r" (the reader is ready) and "P"+pid arrive in either order; a pid's bytes may
+        # themselves contain "r", so the position of the "P" record decides
+        pid1 = int.from_bytes(got[1:5] if got[:1] == b"P" else got[2:6], "little")
         pids.append(pid1)
         target = pid1
         if inner_netns:

@@ -299,6 +299,24 @@ def test_allowed_image_may_not_bind_dockerds_real_socket(engine, policy, monkeyp
     assert refused(d, "mounts.deny")
 
 
+def test_the_gates_own_socket_is_an_engine_socket_wherever_it_is(engine, policy, monkeypatch):
+    """A gate on a path the deny list does not name: only listed images may bind it."""
+    monkeypatch.setattr(rules, "LISTEN_SOCKET", "/srv/gate/docker.sock")
+    out = forwarded(create({"Image": "allowed:latest", "HostConfig": {"Binds": ["/srv/gate/docker.sock:/s"]}}))
+    assert out["Image"] == IMG_ID
+    d = create({"Image": "forged:latest", "HostConfig": {"Binds": ["/srv/gate/docker.sock:/s"]}})
+    assert refused(d, "gate.socket_images: /srv/gate/docker.sock", "not listed")
+    d = create({"Image": "allowed:latest", "HostConfig": {"Binds": ["/srv/gate:/s"]}})
+    assert refused(d, "gate.socket_images", "contains it")
+
+
+def test_dockerds_socket_on_an_undenied_path_is_refused_to_every_image(engine, policy, monkeypatch):
+    monkeypatch.setattr(rules, "ENGINE_SOCKET", "/srv/engine/docker.sock")
+    for src in ("/srv/engine/docker.sock", "/srv/engine", "/srv//engine/"):
+        d = create({"Image": "allowed:latest", "HostConfig": {"Binds": [f"{src}:/s"]}})
+        assert refused(d, "gate.engine: /srv/engine/docker.sock")
+
+
 def test_unknown_image_asks_the_cli_to_pull(engine, policy):
     d = create({"Image": "nothere", "HostConfig": {"Binds": ["/var/run/docker.sock:/s"]}})
     assert not d.allow and d.status == 404 and "No such image" in d.message

@@ -9,9 +9,8 @@ block has the same action (the opposite of the default), so their order is irrel
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from isobox.linux import bpf
+from isobox.plain import Frozen, Plain
 
 from .layout import CgroupError
 
@@ -33,13 +32,17 @@ WILDCARD = -1
 _ACCESS = "rwm"
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(Frozen):
+    """(Not a dataclass: see isobox.plain.)"""
     allow: bool
     type: str      # "a" | "c" | "b"
     major: int     # -1 = wildcard
     minor: int     # -1 = wildcard
     access: str    # subset of "rwm", in that order
+    _FIELDS = __slots__ = ("allow", "type", "major", "minor", "access")
+
+    def __init__(self, allow: bool, type: str, major: int, minor: int, access: str):
+        self._set(allow=allow, type=type, major=major, minor=minor, access=access)
 
     def v1(self) -> str:
         """The line for devices.allow / devices.deny."""
@@ -97,11 +100,15 @@ def with_defaults(rules: list[Rule]) -> list[Rule]:
             + [Rule(True, t, mj, mn, _ACCESS) for t, mj, mn in ALWAYS_ALLOWED])
 
 
-@dataclass
-class Emulator:
+class Emulator(Plain):
     """The v1 devices cgroup state machine: a default and exceptions (key -> access)."""
-    default_allow: bool = True  # a fresh v1 cgroup below the host root allows everything
-    exceptions: dict[tuple[str, int, int], str] = field(default_factory=dict)
+    default_allow: bool         # a fresh v1 cgroup below the host root allows everything
+    exceptions: dict[tuple[str, int, int], str]
+    _FIELDS = ("default_allow", "exceptions")
+
+    def __init__(self, default_allow: bool = True, exceptions: dict[tuple[str, int, int], str] | None = None):
+        self.default_allow = default_allow
+        self.exceptions = {} if exceptions is None else exceptions
 
     def apply(self, r: Rule) -> None:
         if r.type == "a":

@@ -5,9 +5,7 @@ tested against any host's layout; detect() reads the live host once per process.
 """
 from __future__ import annotations
 
-import functools
-import re
-from dataclasses import dataclass, replace
+from isobox.plain import Frozen
 
 __all__ = ["CgroupError", "Hierarchy", "Layout", "parse_mountinfo", "parse_cgroup_file", "detect"]
 
@@ -16,19 +14,26 @@ class CgroupError(Exception):
     """A cgroup problem, worded as one clear line for the user."""
 
 
-@dataclass(frozen=True)
-class Hierarchy:
+class Hierarchy(Frozen):
+    """(Not a dataclass: see isobox.plain.)"""
     mountpoint: str                # host path, e.g. /sys/fs/cgroup/memory
     root: str                      # mountinfo "root" field ("/" unless a sub-tree is bind-mounted)
     controllers: tuple[str, ...]   # v1: ("cpu", "cpuacct") / ("name=systemd",); v2: from cgroup.controllers
     version: int                   # 1 or 2
     options: str                   # super options, e.g. "rw,memory" or "rw,name=systemd"
+    _FIELDS = __slots__ = ("mountpoint", "root", "controllers", "version", "options")
+
+    def __init__(self, mountpoint: str, root: str, controllers: tuple[str, ...], version: int, options: str):
+        self._set(mountpoint=mountpoint, root=root, controllers=controllers, version=version, options=options)
 
 
-@dataclass(frozen=True)
-class Layout:
+class Layout(Frozen):
     mode: str                      # "v1" | "v2" | "hybrid"
     hierarchies: tuple[Hierarchy, ...]
+    _FIELDS = __slots__ = ("mode", "hierarchies")
+
+    def __init__(self, mode: str, hierarchies: tuple[Hierarchy, ...]):
+        self._set(mode=mode, hierarchies=hierarchies)
 
     @property
     def unified(self) -> Hierarchy | None:
@@ -55,8 +60,20 @@ _V1_NON_CONTROLLER = {"rw", "ro", "noprefix", "xattr", "clone_children", "cpuset
 
 
 def _unescape(field: str) -> str:
-    # mountinfo escapes space, tab, newline and backslash as \ooo octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+    # mountinfo escapes space, tab, newline and backslash as \ooo octal (what
+    # re.sub(r"\\([0-7]{3})", ...) did, without importing re on every runtime call).
+    if "\\" not in field:
+        return field
+    out, i, n = [], 0, len(field)
+    while i < n:
+        c, digits = field[i], field[i + 1:i + 4]
+        if c == "\\" and len(digits) == 3 and all(d in "01234567" for d in digits):
+            out.append(chr(int(digits, 8)))
+            i += 4
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
 
 
 def _v1_controllers(super_opts: str) -> tuple[str, ...]:
@@ -119,9 +136,14 @@ def parse_cgroup_file(text: str) -> dict[str, str]:
     return out
 
 
-@functools.lru_cache(maxsize=1)
+_detected: list[Layout] = []   # detect()'s cache (functools.lru_cache costs ~4 ms of imports)
+
+
 def detect() -> Layout:
-    """The live host's layout, with v2 controllers read from cgroup.controllers."""
+    """The live host's layout, with v2 controllers read from cgroup.controllers (read once per
+    process; detect.cache_clear() forgets it)."""
+    if _detected:
+        return _detected[0]
     with open("/proc/self/mountinfo") as f:
         layout = parse_mountinfo(f.read())
     hs = []
@@ -129,8 +151,12 @@ def detect() -> Layout:
         if h.version == 2:
             try:
                 with open(h.mountpoint + "/cgroup.controllers") as f:
-                    h = replace(h, controllers=tuple(f.read().split()))
+                    h = Hierarchy(h.mountpoint, h.root, tuple(f.read().split()), h.version, h.options)
             except OSError:
                 pass
         hs.append(h)
-    return Layout(layout.mode, tuple(hs))
+    _detected.append(Layout(layout.mode, tuple(hs)))
+    return _detected[0]
+
+
+detect.cache_clear = _detected.clear  # type: ignore[attr-defined]  # as with lru_cache

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
-import signal
+import _signal as signal  # not signal.py: it imports enum (~8 ms per runtime call)
 import time
-from dataclasses import dataclass
+
+from isobox.plain import Frozen, Plain
 
 from . import devices as _dev
 from .layout import CgroupError, Hierarchy, Layout
@@ -111,15 +111,20 @@ def _read_opt(path: str) -> str | None:
 
 # --- resources -> file writes ----------------------------------------------------
 
-@dataclass(frozen=True)
-class _Write:
+class _Write(Frozen):
+    """(Not a dataclass: see isobox.plain.)"""
     controller: str
     file: str
     value: str
     # (file, value) tried in order when file is absent (e.g. blkio.bfq.weight -> blkio.weight)
-    alt: tuple[tuple[str, str], ...] = ()
-    missing: str | None = None   # the error when no candidate file exists
-    optional: bool = False       # skip quietly when no candidate file exists
+    alt: tuple[tuple[str, str], ...]
+    missing: str | None          # the error when no candidate file exists
+    optional: bool               # skip quietly when no candidate file exists
+    _FIELDS = __slots__ = ("controller", "file", "value", "alt", "missing", "optional")
+
+    def __init__(self, controller: str, file: str, value: str, alt: tuple[tuple[str, str], ...] = (),
+                 missing: str | None = None, optional: bool = False):
+        self._set(controller=controller, file=file, value=value, alt=alt, missing=missing, optional=optional)
 
 
 def _is_set(v: object) -> bool:
@@ -344,7 +349,22 @@ def _plan_blkio(blk: dict, layout: Layout) -> list[_Write]:
     return out
 
 
-_PAGE_SIZE = re.compile(r"^([1-9][0-9]*)([KMG])B$")
+class _LazyPattern:
+    """A regular expression compiled on first use: only the rare spec with hugepageLimits
+    pays for importing re (~12 ms), not every runtime call."""
+
+    def __init__(self, pattern: str):
+        self._pattern = pattern
+        self._compiled = None
+
+    def __getattr__(self, name: str):
+        if self._compiled is None:
+            import re
+            self._compiled = re.compile(self._pattern)
+        return getattr(self._compiled, name)
+
+
+_PAGE_SIZE = _LazyPattern(r"^([1-9][0-9]*)([KMG])B$")
 
 
 def hugepage_sizes() -> list[str]:
@@ -355,6 +375,7 @@ def hugepage_sizes() -> list[str]:
         return []
     out = []
     for n in names:
+        import re
         m = re.fullmatch(r"hugepages-(\d+)kB", n)
         if m:
             kb = int(m.group(1))
@@ -426,15 +447,17 @@ def _procs_in_tree(top: str) -> set[int]:
     return found
 
 
-@dataclass
-class ContainerCgroup:
+class ContainerCgroup(Plain):
+    """(Not a dataclass: see isobox.plain.)"""
     layout: Layout
     # Absolute within every hierarchy ("/isobox/<id>"). A relative path is taken as
     # relative to the hierarchy root "/" (not to the caller's own cgroup as runc does).
     path: str
+    _FIELDS = ("layout", "path")
 
-    def __post_init__(self) -> None:
-        self.path = _normalize(self.path)
+    def __init__(self, layout: Layout, path: str):
+        self.layout = layout
+        self.path = _normalize(path)
 
     # -- paths --
     def _host_dir(self, h: Hierarchy) -> str:

@@ -126,7 +126,10 @@ def gate(argv: list[str]) -> int:
     perms = _perms(args)
     listener = _listen(args.listen, perms)
     ino = os.stat(args.listen).st_ino
+    # the socket it serves is an engine socket too: only [gate] socket_images may bind it
+    rules.module.LISTEN_SOCKET = os.path.abspath(args.listen)
     signal.signal(signal.SIGTERM, _stop)
+    state = _record(args.listen, args.engine, log)
     log(f"serving {args.listen} (mode {perms.mode:o}, gid {perms.gid}) for {args.engine}, policy {policy}")
     try:
         Gate(listener, args.engine, rules).serve_forever()
@@ -134,5 +137,19 @@ def gate(argv: list[str]) -> int:
         pass
     finally:
         listener.close()
+        if state:
+            from isobox.policy.gatesock import forget
+            forget(state)
         _remove_ours(args.listen, ino)
     return 0
+
+
+def _record(listen: str, engine: str, log) -> str | None:
+    """Tell isobox-runc this socket is the gate's (policy/gatesock.py): without the record the
+    runtime's deny list refuses every bind of it, [gate] socket_images or not."""
+    from isobox.policy.gatesock import record
+    try:
+        return record(listen, engine)
+    except OSError as e:
+        log(f"cannot record the gate for isobox-runc ({e}): containers cannot bind {listen}")
+        return None

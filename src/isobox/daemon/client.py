@@ -3,7 +3,7 @@
 Imported on every create and delete, so only socket, json and os."""
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import _socket
 import time

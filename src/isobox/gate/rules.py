@@ -23,8 +23,11 @@ Rules (the names are the ones the messages carry):
                      options travel inside HTTP/2 frames the gate does not read)
   gate.allow_swarm   swarm init/join/update and service create/update
   gate.allow_plugins plugin pull/create/enable/upgrade/set
-  gate.socket_images the engine socket bind (only for listed images, by ID or digest), and
-                     the API calls a request from inside such a container may make
+  gate.socket_images the engine socket bind (only for listed images, by ID or digest; the
+                     gate's own --listen socket counts as one wherever it is), and the API
+                     calls a request from inside such a container may make
+  gate.engine        dockerd's real socket (--engine) or a directory above it, for every
+                     image, even where the deny list does not name it
 """
 from __future__ import annotations
 
@@ -51,6 +54,7 @@ from isobox.policy.model import Policy, SocketImage
 # own socket. Unset: a direct HTTP GET over ENGINE_SOCKET.
 ENGINE: Callable[[str], tuple[int, object]] | None = None
 ENGINE_SOCKET = "/var/run/docker.sock"      # dockerd's real socket (the proxy sets it)
+LISTEN_SOCKET: str | None = None            # the socket the gate serves (`isobox gate` sets it)
 POLICY_PATH: str | None = None              # None: model.policy_path()
 
 NAMESPACES = (("PidMode", "pid"), ("NetworkMode", "network"), ("IpcMode", "ipc"), ("UTSMode", "uts"),
@@ -154,12 +158,37 @@ def _forms(paths) -> set[str]:
 def _public_sockets() -> set[str]:
     """The engine socket paths containers of allowed images may bind: the public socket (the
     gate's, once installed), never dockerd's real socket behind the gate."""
-    public, real = _forms(model.ENGINE_SOCKETS), _forms((ENGINE_SOCKET,))
+    listen = (LISTEN_SOCKET,) if LISTEN_SOCKET else ()
+    public, real = _forms((*model.ENGINE_SOCKETS, *listen)), _forms((ENGINE_SOCKET,))
     return public if real <= public else public - real
 
 
 def _all_sockets() -> set[str]:
-    return _forms((*model.ENGINE_SOCKETS, ENGINE_SOCKET))
+    listen = (LISTEN_SOCKET,) if LISTEN_SOCKET else ()
+    return _forms((*model.ENGINE_SOCKETS, ENGINE_SOCKET, *listen))
+
+
+def _engine_rule(form: str) -> str | None:
+    """dockerd's real socket (or a directory above it) is refused to every image, even where the
+    deny list does not name it (a gate in front of a dockerd on another path): binding it would
+    bypass the gate."""
+    real = _forms((ENGINE_SOCKET,)) - _public_sockets()
+    if any(r == form or (form != "/" and model._below(r, form)) for r in real):
+        return f"gate.engine: {ENGINE_SOCKET}"
+    return None
+
+
+def _listen_rule(form: str) -> str | None:
+    """The gate's own socket is an engine socket wherever it is served: only [gate] socket_images
+    may bind it, and no image a directory above it."""
+    if not LISTEN_SOCKET:
+        return None
+    for sock in _forms((LISTEN_SOCKET,)):
+        if sock == form:
+            return f"gate.socket_images: {LISTEN_SOCKET} (the gate's socket; the image is not listed)"
+        if form != "/" and model._below(sock, form):
+            return f"gate.socket_images: {LISTEN_SOCKET}; {form} contains it"
+    return None
 
 
 def path_forms(src: str) -> list[str]:
@@ -176,7 +205,7 @@ def _path_refusal(ctx: Ctx, src: str, what: str, socket_ok: bool, prefix: str = 
     if socket_ok and any(f in _public_sockets() for f in forms):
         return
     for f in forms:
-        rule = ctx.policy.path_rule(f)
+        rule = ctx.policy.path_rule(f) or _engine_rule(f) or _listen_rule(f)
         if rule:
             via = f" (resolves to {f})" if f != src else ""
             raise ctx.refuse(prefix + rule, f"{what} {src}{via} refused")

@@ -8,11 +8,14 @@ its reference count is simply the number of holder rows pointing at it.
 from __future__ import annotations
 
 import os
-import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
+
+# The C module behind `sqlite3` (the same connect, Connection and Error): sqlite3.dbapi2 adds
+# only the datetime adapters, never used here, and importing it (datetime, collections) costs
+# ~5 ms of every create and delete.
+import _sqlite3 as sqlite3
+
+from isobox.plain import Frozen
 
 from .pool import RANGE_SIZE, PoolError, read_pool
 from .procinfo import proc_starttime
@@ -47,19 +50,72 @@ class IdError(Exception):
     """An allocation failure; the message is one clear line for the user."""
 
 
-@dataclass(frozen=True)
-class Holder:
+class Holder(Frozen):
+    """(Not a dataclass: see isobox.plain.)"""
     root: str  # the runtime's --root state dir
     container_id: str
+    _FIELDS = __slots__ = ("root", "container_id")
 
-    def __post_init__(self) -> None:
+    def __init__(self, root: str, container_id: str):
         # Normalise so "run/x" and "/abs/run/x" are one holder and gc's
         # state-dir check does not depend on the caller's cwd.
-        object.__setattr__(self, "root", os.path.abspath(self.root))
+        self._set(root=os.path.abspath(root), container_id=container_id)
 
 
 def _span(base: int, size: int) -> str:
     return f"{base}-{base + size - 1}"
+
+
+class _Txn:
+    """Allocator._txn's context manager (a class: contextlib costs ~4 ms of imports per runtime call).
+    A connection per transaction: cheap, and safe across fork()."""
+    __slots__ = ("db_path", "conn")
+
+    def __init__(self, db_path: str):
+        self.db_path = db_path
+        self.conn: sqlite3.Connection | None = None
+
+    def __enter__(self) -> sqlite3.Connection:
+        try:
+            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT, isolation_level=None)
+        except sqlite3.Error as e:
+            raise IdError(f"cannot open ID database {self.db_path}: {e}") from None
+        self.conn = conn
+        try:
+            # WAL (set once by `isobox setup`, see use_wal) commits atomically without an fsync
+            # per transaction; what a power loss could drop is lost with /run anyway.
+            # The rollback journal keeps synchronous=FULL.
+            wal = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            conn.execute("PRAGMA synchronous=NORMAL" if wal else "PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException as e:
+            self._fail(e)
+            raise
+        return conn
+
+    def __exit__(self, et, ev, tb) -> bool:
+        if et is None:
+            try:
+                self.conn.execute("COMMIT")  # type: ignore[union-attr]
+            except BaseException as e:
+                self._fail(e)
+                raise
+            self.conn.close()  # type: ignore[union-attr]
+            return False
+        self._fail(ev)
+        return False
+
+    def _fail(self, e: BaseException) -> None:
+        """Roll back and close; a sqlite3 error is raised again as an IdError."""
+        conn = self.conn
+        assert conn is not None
+        try:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+        if isinstance(e, sqlite3.Error):
+            raise IdError(f"ID database {self.db_path}: {e}") from None
 
 
 class Allocator:
@@ -106,32 +162,10 @@ class Allocator:
                 raise IdError(str(e)) from None
         return self._pool
 
-    @contextmanager
-    def _txn(self) -> Iterator[sqlite3.Connection]:
-        # A connection per transaction: cheap, and safe across fork().
-        try:
-            conn = sqlite3.connect(self.db_path, timeout=BUSY_TIMEOUT, isolation_level=None)
-        except sqlite3.Error as e:
-            raise IdError(f"cannot open ID database {self.db_path}: {e}") from None
-        try:
-            # WAL (set once by `isobox setup`, see use_wal) commits atomically without an fsync
-            # per transaction; what a power loss could drop is lost with /run anyway.
-            # The rollback journal keeps synchronous=FULL.
-            wal = conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-            conn.execute("PRAGMA synchronous=NORMAL" if wal else "PRAGMA synchronous=FULL")
-            conn.execute("BEGIN IMMEDIATE")
-            yield conn
-            conn.execute("COMMIT")
-        except sqlite3.Error as e:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise IdError(f"ID database {self.db_path}: {e}") from None
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        finally:
-            conn.close()
+    def _txn(self) -> _Txn:
+        """`with self._txn() as conn:` one IMMEDIATE transaction, committed at the end of the
+        block, rolled back on an exception (sqlite3 errors become IdError)."""
+        return _Txn(self.db_path)
 
     # -- queries used inside transactions ---------------------------------
 

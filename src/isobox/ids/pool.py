@@ -6,7 +6,7 @@ in both files because every container gets one range used for uids and gids.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from isobox.plain import Frozen
 
 RANGE_SIZE = 65536
 POOL_COUNT = RANGE_SIZE * 4096
@@ -18,11 +18,15 @@ class PoolError(Exception):
     """A problem with the pool declaration; the message is one line for the user."""
 
 
-@dataclass(frozen=True)
-class SubIdEntry:
+class SubIdEntry(Frozen):
+    """(Not a dataclass: see isobox.plain.)"""
     name: str
     start: int
     count: int
+    _FIELDS = __slots__ = ("name", "start", "count")
+
+    def __init__(self, name: str, start: int, count: int):
+        self._set(name=name, start=start, count=count)
 
     @property
     def end(self) -> int:
@@ -30,13 +34,16 @@ class SubIdEntry:
         return self.start + self.count
 
 
-@dataclass(frozen=True)
-class PoolPlan:
+class PoolPlan(Frozen):
     """Result of plan_pool: the pool and the new file texts (None = unchanged)."""
     start: int
     count: int
     subuid_text: str | None
     subgid_text: str | None
+    _FIELDS = __slots__ = ("start", "count", "subuid_text", "subgid_text")
+
+    def __init__(self, start: int, count: int, subuid_text: str | None, subgid_text: str | None):
+        self._set(start=start, count=count, subuid_text=subuid_text, subgid_text=subgid_text)
 
 
 def parse_subid(text: str) -> list[SubIdEntry]:

@@ -13,8 +13,8 @@ P itself never changes its mount namespace.
 from __future__ import annotations
 
 import os
-import signal
-from dataclasses import dataclass, field
+import signal  # keep: also loads signal for the container init, which imports it past pivot_root
+from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
 from isobox.init import builder, channel, container
@@ -26,7 +26,7 @@ _NS_ORDER = (("user", k.CLONE_NEWUSER), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE
 _SPEC_TO_PROC = {"pid": "pid", "network": "net", "ipc": "ipc", "uts": "uts", "cgroup": "cgroup", "user": "user"}
 
 
-@dataclass
+@record
 class Launched:
     pid: int
     rootfs_method: str

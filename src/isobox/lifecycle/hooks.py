@@ -24,7 +24,7 @@ Imported lazily: only containers that have hooks pay for it (and it imports litt
 """
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import select       # imported here: the init runs startContainer hooks after it left the host's files
 import signal

@@ -10,7 +10,7 @@ from isobox.linux import syscalls as k
 
 
 def _wants_terminal(bundle: str) -> bool:
-    import json
+    from isobox import jsonfast as json
     try:
         with open(os.path.join(bundle, "config.json")) as f:
             return bool(json.load(f).get("process", {}).get("terminal"))

@@ -6,7 +6,7 @@ same way runc derives it, rather than stored.
 """
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import time
 

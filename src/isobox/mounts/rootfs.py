@@ -16,13 +16,13 @@ from __future__ import annotations
 import errno
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from isobox.plain import record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
 from isobox.linux import syscalls as k
 
 
-@dataclass
+@record
 class OverlaySource:
     lowers: list[str]
     upper: str

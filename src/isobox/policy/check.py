@@ -79,6 +79,21 @@ def canonical_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
+def _gate_socket(policy: Policy, source: str, fd: int, st: os.stat_result, canonical: str) -> bool:
+    """True: the socket is served by a live isobox gate, which enforces the policy on every call
+    made through it, so even a denied path (the public /var/run/docker.sock) may be bound.
+    Raises for the engine socket behind such a gate, wherever it lives. (Imported here only:
+    a create without socket binds pays nothing.)"""
+    from isobox.policy import gatesock
+    found = gatesock.classify(fd, st)
+    if found is None:
+        return False
+    kind, state = found
+    if kind == "engine":
+        raise policy.refusal(source, f"the engine socket behind the isobox gate on {state.listen}", canonical)
+    return True
+
+
 def bind_source(policy: Policy, source: str, fd: int, readonly: bool = False) -> None:
     """Raise IsoboxError naming the rule if the object fd refers to may not be bind-mounted.
     readonly: the bind is made read-only (and locked so): an engine's init binary may pass."""
@@ -88,6 +103,8 @@ def bind_source(policy: Policy, source: str, fd: int, readonly: bool = False) ->
         raise policy.refusal(source, "the source is not reachable from the host's root", canonical)
     canonical = _norm(canonical)
     if readonly and stat.S_ISREG(st.st_mode) and canonical in ENGINE_INIT_BINARIES:
+        return
+    if stat.S_ISSOCK(st.st_mode) and _gate_socket(policy, source, fd, st, canonical):
         return
     rule = policy.path_rule(canonical)
     if rule:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import os
 import stat
-from dataclasses import dataclass
+from isobox.plain import record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
 
@@ -88,7 +88,7 @@ _API_CALL = r"(?:\*|GET|HEAD|POST|PUT|DELETE|PATCH|OPTIONS) /[^\s]*"
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]*"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SocketImage:
     """An image whose containers may bind-mount the engine socket."""
     image: str                                # sha256:<id> or repo@sha256:<digest>
@@ -116,7 +116,7 @@ def _match_prefix(path: str, pattern: str) -> bool:
     return True
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Policy:
     path: str                                 # the file the rules come from (named in refusals)
     deny: tuple[str, ...] = DEFAULT_DENY
@@ -205,7 +205,7 @@ CACHE_DIR = "/run/isobox/.policy-cache"
 
 
 def _cached_toml(text: str, path: str) -> dict:
-    import json
+    from isobox import jsonfast as json  # json without its import cost (see jsonfast)
     cache = os.path.join(CACHE_DIR, path.replace("%", "%25").replace("/", "%2F"))
     try:
         with open(cache) as f:

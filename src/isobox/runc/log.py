@@ -2,7 +2,7 @@
 reads back for the last "level":"error" message."""
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import sys
 import time

@@ -1,7 +1,7 @@
 """`isobox-runc`: runc's command line over isobox's lifecycle. Parsing and output only."""
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import sys
 

@@ -33,7 +33,7 @@ The init never keeps the listener fd: it is closed before execve.
 """
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import _socket  # not socket.py: it costs ~5 ms of imports on every create
 import array

@@ -7,7 +7,7 @@ so the compiler (compile.py) passes them through unchanged.
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass, field
+from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
 
@@ -89,14 +89,14 @@ CONDITIONAL = {
 TRAP_ONLY_ARCHES = ("SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32")
 
 
-@dataclass
+@record
 class Rule:
     names: tuple[str, ...]
     action: int                                   # with ERRNO/TRACE data folded in
     args: tuple[tuple[int, int, int, int], ...]   # (index, op, value, valueTwo)
 
 
-@dataclass
+@record
 class Profile:
     default_action: int
     arches: tuple[int, ...]

@@ -5,13 +5,21 @@ rewrite.py. Every failure is one IsoboxError line naming the field.
 """
 from __future__ import annotations
 
-import json
+from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
-import re
 
 from isobox.errors import IsoboxError
 
-_ID_RE = re.compile(r"^[\w+\-.]+$")
+_ID_PUNCT = frozenset("_+-.")
+
+
+def _id_chars_ok(cid: str) -> bool:
+    r"""What re.match(r"^[\w+\-.]+$", cid) accepted, without importing re (~12 ms per runtime
+    call): \w is str.isalnum() or "_", and "$" also matches before one final newline."""
+    body = cid[:-1] if cid.endswith("\n") else cid
+    return bool(body) and all(c.isalnum() or c in _ID_PUNCT for c in body)
+
+
 # Longer ids than a path component allows (NAME_MAX) get a hashed directory name:
 # see key() below.
 MAX_ID_LEN = 1024
@@ -22,7 +30,7 @@ def validate_id(cid: str) -> str:
         raise IsoboxError("container id cannot be empty")
     if len(cid) > MAX_ID_LEN:
         raise IsoboxError(f"invalid container id: longer than {MAX_ID_LEN} characters")
-    if cid in (".", "..") or not _ID_RE.match(cid):
+    if cid in (".", "..") or not _id_chars_ok(cid):
         raise IsoboxError(f"invalid container id format: {cid!r} (use letters, digits, '_', '+', '-', '.')")
     return cid
 

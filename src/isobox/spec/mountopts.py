@@ -1,7 +1,7 @@
 """OCI mount options -> mount(2) flags, propagation and filesystem data (pure logic)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.linux import syscalls as k
 
@@ -30,7 +30,7 @@ _PROPAGATION = {
 _IGNORED = {"tmpcopyup", "defaults", "noacl", "acl"}
 
 
-@dataclass
+@record
 class MountOptions:
     flags: int = 0
     propagation: int = 0

@@ -4,12 +4,12 @@ The init sequence reads only this, never the raw spec.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.spec.mountopts import MountOptions
 
 
-@dataclass
+@record
 class Mount:
     destination: str
     type: str
@@ -17,20 +17,20 @@ class Mount:
     options: MountOptions
 
 
-@dataclass
+@record
 class Device:
     path: str            # inside the container
     host_path: str       # bound from the host (mknod cannot work in a user namespace)
 
 
-@dataclass
+@record
 class Rlimit:
     resource: int
     soft: int
     hard: int
 
 
-@dataclass
+@record
 class Process:
     args: list[str]
     env: list[str]
@@ -50,7 +50,7 @@ class Process:
     terminal: bool = False
 
 
-@dataclass
+@record
 class Plan:
     id: str
     bundle: str
