@@ -1,5 +1,6 @@
 """Writing configuration files crash-safely: temp file in the same directory, fsync,
-rename over the original (keeping its mode and owner), fsync of the directory."""
+rename over the original (keeping its mode and owner), fsync of the directory; and reading
+a small text file (a pid file, a /proc value) with a default when it cannot be read."""
 from __future__ import annotations
 
 import os
@@ -43,3 +44,12 @@ def atomic_write(path: str, text: str, like: os.stat_result | None = None, mode:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def read_text(path: str, default: str = "") -> str:
+    """The file's text, stripped; default when it cannot be read."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return default

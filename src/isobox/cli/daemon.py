@@ -7,6 +7,7 @@ import time
 
 from isobox.daemon import client, paths
 from isobox.errors import IsoboxError
+from isobox.fileio import read_text
 
 STOP_TIMEOUT = 10.0
 
@@ -28,7 +29,7 @@ def status() -> int:
         return 1
     r = client.call({"op": "stats"})
     ping = client.call({"op": "ping"})
-    print(f"isoboxd: running, holder pid {_read(paths.HOLDER_PID)}, server pid {ping['pid']} "
+    print(f"isoboxd: running, holder pid {read_text(paths.HOLDER_PID, '?')}, server pid {ping['pid']} "
           f"(generation {ping['generation']}), {r['containers']} containers, RSS {r['rss_kib']} KiB")
     return 0
 
@@ -42,7 +43,7 @@ def stop(force: bool = False) -> int:
         if n:
             raise IsoboxError(f"{n} containers use isoboxd: their /proc files would fail until they are "
                               f"recreated; delete them first or use --stop --force")
-    pid = int(_read(paths.HOLDER_PID))
+    pid = int(read_text(paths.HOLDER_PID, "0"))
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while client.holder_alive():
@@ -52,10 +53,3 @@ def stop(force: bool = False) -> int:
     print(f"isoboxd: stopped (pid {pid})")
     return 0
 
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return "0"

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 import shutil
 
+from isobox.fileio import read_text
+
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
 # What the test suite proved, and where (cgroups issue): printed so an operator of a pure-v2
@@ -16,13 +18,6 @@ CGROUP_PROOFS = (
     "are unit-tested against a cgroup tree the tests build",
 )
 
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _idmap_check(path: str) -> tuple[str, str]:
@@ -74,13 +69,13 @@ def _isoboxd() -> tuple[str, str, str]:
 
 def checks() -> list[tuple[str, str, str]]:
     out: list[tuple[str, str, str]] = []
-    n = _read("/proc/sys/user/max_user_namespaces")
+    n = read_text("/proc/sys/user/max_user_namespaces")
     out.append(("user namespaces", OK if n and int(n) > 0 else FAIL,
                 f"max_user_namespaces={n}" if n and int(n) > 0 else "set user.max_user_namespaces > 0"))
     os.makedirs("/var/lib/isobox", mode=0o700, exist_ok=True)
     status, msg = _idmap_check("/var/lib/isobox")
     out.append(("idmapped mounts", status, msg))
-    actions = _read("/proc/sys/kernel/seccomp/actions_avail")
+    actions = read_text("/proc/sys/kernel/seccomp/actions_avail")
     out.append(("seccomp user-notify", OK if "user_notif" in actions else FAIL,
                 "available" if "user_notif" in actions else "the kernel lacks SECCOMP_RET_USER_NOTIF (needs >= 5.0)"))
     out.append(("FUSE", OK if os.path.exists("/dev/fuse") else FAIL,

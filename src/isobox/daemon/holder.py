@@ -19,6 +19,7 @@ import time
 
 from isobox.daemon import paths
 from isobox.daemon.fdstore import FdStore
+from isobox.fileio import atomic_write, read_text
 from isobox.linux import syscalls as k
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -82,7 +83,7 @@ def run() -> int:
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        print(f"isoboxd: already running (pid {_read(paths.HOLDER_PID)})", file=sys.stderr)
+        print(f"isoboxd: already running (pid {read_text(paths.HOLDER_PID, '?')})", file=sys.stderr)
         return 1
     stop = False
     child: subprocess.Popen | None = None
@@ -111,7 +112,7 @@ def run() -> int:
     _mount(fuse)
     store = FdStore()
     threading.Thread(target=store.serve_trap, args=(paths.TRAP_SOCKET,), daemon=True).start()
-    _write(paths.HOLDER_PID, str(os.getpid()))
+    atomic_write(paths.HOLDER_PID, str(os.getpid()))
     log = os.open(paths.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
     generation, quick_deaths = 0, 0
     try:
@@ -152,19 +153,6 @@ def run() -> int:
     return 0
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
 
 
 def main() -> None:

@@ -22,6 +22,7 @@ from isobox.daemon.fs.filesystem import FRESH, Filesystem
 from isobox.daemon.fs.loop import Loop, init_reply
 from isobox.daemon.fdstore import recv_fd
 from isobox.daemon.store import Store
+from isobox.fileio import atomic_write
 from isobox.daemon.syscalls.notify import Notifier
 
 WORKERS = 4
@@ -173,7 +174,7 @@ class Server:
             targets.append(self.receive_listeners)
         for target in targets:
             threading.Thread(target=target, daemon=True).start()
-        _write_pid()
+        atomic_write(paths.SERVER_PID, str(os.getpid()))
         log.info("serving generation %d with %d containers", self.generation, len(self.fs.by_idx))
         self.loop.stopped.wait()
 
@@ -243,12 +244,6 @@ def _rss_kib() -> int:
                 return int(line.split()[1])
     return 0
 
-
-def _write_pid() -> None:
-    tmp = f"{paths.SERVER_PID}.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(str(os.getpid()))
-    os.rename(tmp, paths.SERVER_PID)
 
 
 def main() -> None:
