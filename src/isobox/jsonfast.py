@@ -120,64 +120,54 @@ def _indented(o, indent: str, level: int, markers: dict, out: list) -> None:
         out.append(int.__repr__(o))
     elif isinstance(o, float):
         out.append(_floatstr(o))
-    elif isinstance(o, (list, tuple)):
+    elif isinstance(o, (list, tuple, dict)):
+        is_dict = isinstance(o, dict)
         if not o:
-            out.append("[]")
+            out.append("{}" if is_dict else "[]")
             return
-        mid = id(o)
-        if mid in markers:
-            raise ValueError("Circular reference detected")
-        markers[mid] = o
+        mid = _mark(o, markers)
         nl = "\n" + indent * (level + 1)
-        out.append("[" + nl)
-        first = True
-        for v in o:
-            if not first:
+        out.append(("{" if is_dict else "[") + nl)
+        for n, v in enumerate(o.items() if is_dict else o):
+            if is_dict:
+                k, v = v
+                k = _key(k)             # before the separator, as json raises for a bad key
+            if n:
                 out.append("," + nl)
-            first = False
+            if is_dict:
+                out.append(_encode_str(k) + ": ")
             _indented(v, indent, level + 1, markers, out)
-        out.append("\n" + indent * level + "]")
-        del markers[mid]
-    elif isinstance(o, dict):
-        if not o:
-            out.append("{}")
-            return
-        mid = id(o)
-        if mid in markers:
-            raise ValueError("Circular reference detected")
-        markers[mid] = o
-        nl = "\n" + indent * (level + 1)
-        out.append("{" + nl)
-        first = True
-        for k, v in o.items():
-            if isinstance(k, str):
-                pass
-            elif isinstance(k, float):
-                k = _floatstr(k)
-            elif k is True:
-                k = "true"
-            elif k is False:
-                k = "false"
-            elif k is None:
-                k = "null"
-            elif isinstance(k, int):
-                k = int.__repr__(k)
-            else:
-                raise TypeError(f"keys must be str, int, float, bool or None, not {k.__class__.__name__}")
-            if not first:
-                out.append("," + nl)
-            first = False
-            out.append(_encode_str(k) + ": ")
-            _indented(v, indent, level + 1, markers, out)
-        out.append("\n" + indent * level + "}")
+        out.append("\n" + indent * level + ("}" if is_dict else "]"))
         del markers[mid]
     else:
-        mid = id(o)
-        if mid in markers:
-            raise ValueError("Circular reference detected")
-        markers[mid] = o
+        mid = _mark(o, markers)
         _indented(_default(o), indent, level, markers, out)
         del markers[mid]
+
+
+def _mark(o, markers: dict) -> int:
+    """Records o as being encoded; a second visit is json's circular-reference error."""
+    mid = id(o)
+    if mid in markers:
+        raise ValueError("Circular reference detected")
+    markers[mid] = o
+    return mid
+
+
+def _key(k) -> str:
+    if isinstance(k, str):
+        return k
+    if isinstance(k, float):
+        return _floatstr(k)
+    if k is True:
+        return "true"
+    if k is False:
+        return "false"
+    if k is None:
+        return "null"
+    if isinstance(k, int):
+        return int.__repr__(k)
+    raise TypeError(f"keys must be str, int, float, bool or None, not {k.__class__.__name__}")
 
 
 def dumps(obj, indent: str | int | None = None) -> str:
