@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from isobox.daemon.fs.context import Container
 
 
+def own_fd(path: str) -> int | None:
+    """N when path is /proc/self/fd/N or /proc/thread-self/fd/N: the caller's own descriptor,
+    which a daemon or helper must open through /proc/<caller>/fd, not through its own /proc/self."""
+    for prefix in ("/proc/self/fd/", "/proc/thread-self/fd/"):
+        if path.startswith(prefix) and path[len(prefix):].isdigit() and path[len(prefix):].isascii():
+            return int(path[len(prefix):])
+    return None
+
+
 @dataclass
 class Call:
     listener: int                 # the seccomp notify fd

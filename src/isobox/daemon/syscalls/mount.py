@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 
 from isobox.daemon.syscalls import nsmount
-from isobox.daemon.syscalls.call import Call, Verdict, defer, done, proceed, refuse
+from isobox.daemon.syscalls.call import Call, Verdict, defer, done, own_fd, proceed, refuse
 from isobox.daemon.syscalls.registry import handles
 from isobox.linux import syscalls as sc
 
@@ -32,7 +31,6 @@ ATTRS = ((sc.MS_RDONLY, sc.MOUNT_ATTR_RDONLY), (sc.MS_NOSUID, sc.MOUNT_ATTR_NOSU
          (sc.MS_STRICTATIME, sc.MOUNT_ATTR_STRICTATIME), (sc.MS_NOSYMFOLLOW, sc.MOUNT_ATTR_NOSYMFOLLOW))
 # runc mounts on the rootfs through its own O_PATH descriptors ("/proc/self/fd/6"): the
 # mount helper is not the caller, so it gets the caller's descriptor instead of the magic link
-SELF_FD = re.compile(r"^/proc/(?:self|thread-self)/fd/(\d+)$")
 
 
 def flag_names(flags: int) -> str:
@@ -96,12 +94,12 @@ def _new_fs(call: Call, fstype: str, target: str, flags: int, data: str | None) 
     caller = nsmount.open_caller(call.pid)
     target_fd = None
     try:
-        m = SELF_FD.match(target)
-        if m:
+        n = own_fd(target)
+        if n is not None:
             try:
-                target_fd = os.open(f"/proc/{call.pid}/fd/{m.group(1)}", os.O_PATH | os.O_CLOEXEC)
+                target_fd = os.open(f"/proc/{call.pid}/fd/{n}", os.O_PATH | os.O_CLOEXEC)
             except FileNotFoundError:
-                return refuse(errno.ENOENT, f"caller has no descriptor {m.group(1)}")
+                return refuse(errno.ENOENT, f"caller has no descriptor {n}")
         if not call.valid():                    # the fds above are the caller's, not a reused pid's
             return refuse(errno.ESRCH, "caller went away")
         nsmount.new_fs(caller, nsmount.NewFs(fstype, target, fs_options(data), mount_attrs(flags),

@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 
 from isobox.daemon.fs import nsexec
 from isobox.daemon.syscalls import notify
-from isobox.daemon.syscalls.call import Call, Verdict, done, refuse
+from isobox.daemon.syscalls.call import Call, Verdict, done, own_fd, refuse
 from isobox.daemon.syscalls.registry import handles
 from isobox.linux import syscalls as sc
 
@@ -46,7 +45,6 @@ O_TMPFILE = os.O_TMPFILE                      # includes O_DIRECTORY
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
 REFUSED = -1                                  # helper result: the policy said no (payload: mount id)
-_SELF_FD = re.compile(r"^/proc/(?:self|thread-self)/fd/(\d+)$")
 
 
 # ------------------------------------------------------------------ arguments, per ABI
@@ -347,8 +345,8 @@ def _dirfd(env: _Env, n: int, path: str | None = None, resolve: int = 0) -> int:
 def _self_fd(env: _Env, path: str) -> int | None:
     """/proc/self/fd/N names the caller's own descriptor N (glibc's fchmodat fallback uses it);
     the helper is not the caller, so it gets that descriptor instead of the magic link."""
-    m = _SELF_FD.match(path)
-    return _caller_fd(env, int(m.group(1))) if m else None
+    n = own_fd(path)
+    return _caller_fd(env, n) if n is not None else None
 
 
 def _run(call: Call, env: _Env, fn, what: str, target: str,
