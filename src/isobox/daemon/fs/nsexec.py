@@ -286,12 +286,18 @@ def _collect(rfd: int, child: int) -> bytes:
                 break
             out += chunk
     finally:
-        if not eof:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(child, 0)
+        reap(child, finished=eof)
     return out
+
+
+def reap(child: int, finished: bool) -> None:
+    """Waits for a helper by PID, killing it first unless it finished its work (it hung,
+    or its reply never came): no helper outlives the call it served."""
+    if not finished:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(child, 0)
 
 
 # --- run_fn: an arbitrary operation as the caller, with an fd coming back -----------------------
@@ -368,9 +374,5 @@ def _fn_collect(sock: socket.socket, child: int) -> tuple[bytes, list[int]]:
                     fds += array.array("i", data[:len(data) - len(data) % 4]).tolist()
             done = True
     finally:
-        if not done:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(child, 0)
+        reap(child, finished=done)
     return msg, fds

@@ -33,6 +33,7 @@ import stat
 import struct
 from dataclasses import dataclass
 
+from isobox.daemon.fs import nsexec
 from isobox.daemon.syscalls.call import Call, Verdict, done, proceed, refuse
 from isobox.daemon.syscalls.registry import handles
 from isobox.linux import syscalls as sc
@@ -252,11 +253,7 @@ def run_helper(plan: Plan) -> tuple[int, int]:
             reply = ours.recv(_REPLY.size)
         except (TimeoutError, OSError):
             reply = b""
-        if len(reply) != _REPLY.size:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(child, 0)
+        nsexec.reap(child, finished=len(reply) == _REPLY.size)
     finally:
         ours.close()
         theirs.close()
