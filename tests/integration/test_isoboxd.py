@@ -4,6 +4,7 @@ readers in sub-cgroups, autostart, restart under load, and bad writes.
 Real containers (isobox-runc), the real daemon and its real FUSE mount; nothing mocked."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -203,6 +204,37 @@ def test_runtime_starts_a_stopped_daemon(runtime, busybox_rootfs):
         fields = f.read().rsplit(")", 1)[1].split()
     assert int(fields[1]) != os.getpid() and int(fields[3]) != os.getsid(0)   # ppid, session id
     assert f":{paths.CGROUP}" in host(f"/proc/{holder}/cgroup")
+
+
+def test_a_holder_killed_with_9_is_replaced_by_the_next_create(runtime, busybox_rootfs):
+    """kill -9 of the holder (not the server): nobody restarts the server any more. It keeps
+    serving the running container (its mounts belong to that connection), gives up the
+    registration socket so that the next create starts a fresh daemon over the old mount, and
+    exits once its last container is gone."""
+    client.ensure_running()
+    assert registered() == [], "containers still registered from earlier tests"
+    cid, pid = start(runtime, busybox_rootfs, edit=limits)
+    holder = int(host(paths.HOLDER_PID))
+    server = client.call({"op": "ping"})["pid"]
+    os.kill(holder, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (os.path.exists(f"/proc/{holder}") or client.running()):
+        time.sleep(0.05)
+    assert not client.running(), "the orphaned server still answers registrations"
+    assert os.path.exists(f"/proc/{server}")
+    # the running container keeps its emulation
+    assert host(f"/proc/{pid}/root/proc/meminfo").split()[:3] == ["MemTotal:", "262144", "kB"]
+    out = sh_out(runtime, busybox_rootfs, "head -1 /proc/meminfo", edit=limits)
+    assert out.split() == ["MemTotal:", "262144", "kB"]
+    assert int(host(paths.HOLDER_PID)) != holder
+    with open("/proc/self/mountinfo") as f:
+        assert sum(line.split()[4] == paths.FS_ROOT for line in f) == 1
+    assert host(f"/proc/{pid}/root/proc/meminfo").split()[:3] == ["MemTotal:", "262144", "kB"]
+    runtime("delete", "--force", cid, check=True)
+    deadline = time.monotonic() + 20                  # the orphan's gc runs every 5 s
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{server}"):
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{server}"), "the orphaned server outlived its last container"
 
 
 def test_kill_9_under_load_loses_no_request(daemon, runtime, busybox_rootfs):

@@ -36,7 +36,9 @@ def status() -> int:
 
 def stop(force: bool = False) -> int:
     if not client.holder_alive():
-        print("isoboxd: not running")
+        from isobox.daemon.holder import detach_old_mount
+        left = detach_old_mount()
+        print("isoboxd: not running" + (f" (detached {paths.FS_ROOT}, left by a holder that died)" if left else ""))
         return 0
     if not force and client.running():
         n = client.call({"op": "stats"})["containers"]

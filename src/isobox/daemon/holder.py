@@ -30,14 +30,22 @@ def _mounted(path: str) -> bool:
         return any(line.split()[4] == path for line in f)
 
 
+def detach_old_mount() -> bool:
+    """Detaches /run/isobox/fs left by a holder that died (kill -9). Its connection died with
+    it, or lives on only in an orphaned server for containers bound to it; a dead mount
+    answers ENOTCONN to stat, so this comes before anything looks at the directory."""
+    if not _mounted(paths.FS_ROOT):
+        return False
+    try:
+        k.umount2(paths.FS_ROOT, k.MNT_DETACH)
+        return True
+    except OSError:
+        return False    # hidden under another mount (a private /run/isobox): nothing to undo here
+
+
 def _mount(fd: int) -> None:
+    detach_old_mount()
     os.makedirs(paths.FS_ROOT, 0o711, exist_ok=True)
-    if _mounted(paths.FS_ROOT):
-        # left by a holder that died: its connection is gone with it
-        try:
-            k.umount2(paths.FS_ROOT, k.MNT_DETACH)
-        except OSError:
-            pass        # hidden under another mount (a private /run/isobox): nothing to undo here
     k.mount("isoboxd", paths.FS_ROOT, "fuse.isoboxd", k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC,
             f"fd={fd},rootmode=40711,user_id=0,group_id=0,allow_other,default_permissions")
 

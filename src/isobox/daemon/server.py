@@ -22,7 +22,7 @@ from isobox.daemon.fs.filesystem import FRESH, Filesystem
 from isobox.daemon.fs.loop import Loop, init_reply
 from isobox.daemon.fdstore import recv_fd
 from isobox.daemon.store import Store
-from isobox.fileio import atomic_write
+from isobox.fileio import atomic_write, read_text
 from isobox.daemon.syscalls.notify import Notifier
 
 WORKERS = 4
@@ -41,6 +41,8 @@ class Server:
         self.loop = Loop(fuse_fd, self.fs)
         self.channel = socket.socket(fileno=int(os.environ["ISOBOXD_CHANNEL_FD"])) \
             if os.environ.get("ISOBOXD_CHANNEL_FD") else None
+        self.sock = None                        # the registration socket's server, once bound
+        self.orphan = False                     # the holder died: see _orphaned
         from isobox.daemon.syscalls import audit, registry
         handlers = registry.load()
         si = sys.modules.get("isobox.daemon.syscalls.sysinfo")
@@ -56,9 +58,10 @@ class Server:
             try:
                 msg, fd, _pid = recv_fd(self.channel)
             except OSError:
-                return
+                msg, fd = b"", None
             if not msg:
-                return            # the holder is gone
+                self._orphaned()  # the holder is gone
+                return
             if fd is None:
                 continue
             meta = json.loads(msg)
@@ -70,6 +73,26 @@ class Server:
                 self._listener_gone(meta.get("slot", ""))
                 continue
             self.notifier.add(fd, meta["slot"], c)
+
+    def _orphaned(self) -> None:
+        """The holder died (kill -9): nobody restarts this server and no new listener can reach
+        it. It keeps serving the containers it has (their mounts are bound to this connection
+        for good) but gives up the registration socket, so the next create starts a fresh
+        daemon; it exits when its last container is gone (gc)."""
+        log.warning("the holder is gone: serving the %d running containers until they end", len(self.fs.by_idx))
+        self.orphan = True
+        for path in (paths.SOCKET, paths.SERVER_PID):
+            try:
+                if path == paths.SOCKET and self.sock is not None:
+                    if os.stat(path).st_ino != os.fstat(self.sock.fileno()).st_ino:
+                        continue               # already a newer daemon's
+                elif path == paths.SERVER_PID and read_text(path).strip() != str(os.getpid()):
+                    continue
+                os.unlink(path)
+            except (OSError, ValueError):
+                pass
+        if self.sock is not None:
+            self.sock.shutdown()
 
     def _owner(self, meta: dict):
         """The registered container the listener's sender belongs to, by its cgroup."""
@@ -136,7 +159,9 @@ class Server:
         finally:
             os.umask(old)
         os.rename(tmp, paths.SOCKET)          # clients never see a socket nobody listens on
+        self.sock = sock
         sock.serve_forever()
+        sock.server_close()
 
     # -- background --
     def notifier_thread(self) -> None:
@@ -154,6 +179,9 @@ class Server:
                     if _dead(c):
                         log.info("forgetting container %s: its init is gone", c.id)
                         self.fs.unregister(c.key)
+                if self.orphan and not self.fs.by_idx:
+                    log.info("orphaned server: no container left, exiting")
+                    os._exit(0)
                 self.fs.loads.sample()
             except Exception:  # noqa: BLE001
                 log.exception("gc")
