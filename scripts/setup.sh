@@ -16,16 +16,30 @@ fi
 "$venv/bin/python3" -m compileall -q "$here/src" >/dev/null
 site=$("$venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 for cmd in isobox isobox-runc; do
-  mod=$([ "$cmd" = isobox ] && echo isobox.cli.main || echo isobox.runc.main)
   # -I: engines call us with arbitrary environments, so ignore PYTHON* variables;
   # -S: skip site (about 5 ms per call) and name the two import roots directly
-  cat > "/usr/local/bin/$cmd.tmp" <<EOS
+  if [ "$cmd" = isobox ]; then
+    cat > "/usr/local/bin/$cmd.tmp" <<EOS
 #!$venv/bin/python3 -IS
 import sys
 sys.path[:0] = ["$here/src", "$site"]
-from $mod import main
+from isobox.cli.main import main
 sys.exit(main())
 EOS
+  else
+    # isobox-runc first offers the call to isoboxd's warm worker (runc/warm_client.py)
+    cat > "/usr/local/bin/$cmd.tmp" <<EOS
+#!$venv/bin/python3 -IS
+import sys
+sys.path[:0] = ["$here/src", "$site"]
+from isobox.runc.warm_client import forward
+code = forward(sys.argv[1:])
+if code is None:
+    from isobox.runc.main import main
+    code = main()
+sys.exit(code)
+EOS
+  fi
   chmod 755 "/usr/local/bin/$cmd.tmp"
   mv "/usr/local/bin/$cmd.tmp" "/usr/local/bin/$cmd"
 done

@@ -216,12 +216,16 @@ def test_a_holder_killed_with_9_is_replaced_by_the_next_create(runtime, busybox_
     cid, pid = start(runtime, busybox_rootfs, edit=limits)
     holder = int(host(paths.HOLDER_PID))
     server = client.call({"op": "ping"})["pid"]
+    children = subprocess.run(["pgrep", "-P", str(holder)], capture_output=True, text=True).stdout.split()
+    warm = [int(p) for p in children if int(p) != server]
     os.kill(holder, signal.SIGKILL)
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (os.path.exists(f"/proc/{holder}") or client.running()):
+    while time.monotonic() < deadline and (os.path.exists(f"/proc/{holder}") or client.running()
+                                           or any(os.path.exists(f"/proc/{p}") for p in warm)):
         time.sleep(0.05)
     assert not client.running(), "the orphaned server still answers registrations"
     assert os.path.exists(f"/proc/{server}")
+    assert warm and not any(os.path.exists(f"/proc/{p}") for p in warm), "the warm worker outlived its holder"
     # the running container keeps its emulation
     assert host(f"/proc/{pid}/root/proc/meminfo").split()[:3] == ["MemTotal:", "262144", "kB"]
     out = sh_out(runtime, busybox_rootfs, "head -1 /proc/meminfo", edit=limits)

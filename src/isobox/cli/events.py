@@ -50,4 +50,5 @@ def format_event(e: dict) -> str:
     args = ", ".join(f"{k}={v}" for k, v in (e.get("args") or {}).items())
     err = f" ({e['errno']})" if e.get("errno") else ""
     return (f"{e.get('time', '')}  {e.get('container', '') or '-'}  pid {e.get('pid')} {e.get('command', '')}  "
-            f"{e.get('syscall')}({args})  {e.get('decision')}{err}: {e.get('reason', '')}")
+            f"{e.get('syscall')}({args})  {e.get('decision')}{err}: {e.get('reason', '')}"
+            + (f"  (x{e['count']})" if e.get("count", 1) > 1 else ""))

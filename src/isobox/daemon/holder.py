@@ -23,6 +23,7 @@ from isobox.fileio import atomic_write, read_text
 from isobox.linux import syscalls as k
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SERVICE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _mounted(path: str) -> bool:
@@ -95,16 +96,21 @@ def run() -> int:
         return 1
     stop = False
     child: subprocess.Popen | None = None
+    warm: list[subprocess.Popen] = []        # the warm worker (daemon/warm.py), once started
+
+    def terminate(p: subprocess.Popen | None) -> None:
+        if p is not None and p.poll() is None:
+            p.send_signal(signal.SIGTERM)
 
     def on_stop(_sig, _frame) -> None:
         nonlocal stop
         stop = True
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        terminate(child)
+        terminate(warm[-1] if warm else None)
 
     def on_hup(_sig, _frame) -> None:       # upgrade: a new server takes over the connection
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGTERM)
+        terminate(child)
+        terminate(warm[-1] if warm else None)      # and a new worker imports the new code
 
     for s in STOP_SIGNALS:
         signal.signal(s, on_stop)
@@ -122,12 +128,27 @@ def run() -> int:
     threading.Thread(target=store.serve_trap, args=(paths.TRAP_SOCKET,), daemon=True).start()
     atomic_write(paths.HOLDER_PID, str(os.getpid()))
     log = os.open(paths.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def supervise_warm() -> None:
+        """Keeps the warm worker running (restarted when it dies or on SIGHUP)."""
+        while not stop:
+            started = time.monotonic()
+            warm.append(subprocess.Popen(python_command("isobox.daemon.warm"), env={"PATH": SERVICE_PATH},
+                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log))
+            if stop:                           # a stop signal that came before the append
+                terminate(warm[-1])
+            warm[-1].wait()
+            del warm[:-1]
+            if time.monotonic() - started < 1 and not stop:
+                time.sleep(1)                  # a worker that cannot start: do not spin
+
+    threading.Thread(target=supervise_warm, daemon=True).start()
     generation, quick_deaths = 0, 0
     try:
         while not stop:
             mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             env = {"ISOBOXD_FUSE_FD": str(fuse), "ISOBOXD_GENERATION": str(generation),
-                   "ISOBOXD_CHANNEL_FD": str(theirs.fileno()), "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+                   "ISOBOXD_CHANNEL_FD": str(theirs.fileno()), "PATH": SERVICE_PATH}
             started = time.monotonic()
             child = subprocess.Popen(python_command("isobox.daemon.server"), pass_fds=(fuse, theirs.fileno()), env=env,
                                      stdin=subprocess.DEVNULL, stdout=log, stderr=log)
@@ -152,7 +173,8 @@ def run() -> int:
             k.umount2(paths.FS_ROOT, k.MNT_DETACH)
         except OSError:
             pass
-        for f in (paths.HOLDER_PID, paths.SERVER_PID, paths.SOCKET, paths.TRAP_SOCKET):
+        terminate(warm[-1] if warm else None)
+        for f in (paths.HOLDER_PID, paths.SERVER_PID, paths.SOCKET, paths.TRAP_SOCKET, paths.WARM_SOCKET):
             try:
                 os.unlink(f)
             except FileNotFoundError:

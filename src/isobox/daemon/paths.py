@@ -5,6 +5,7 @@ RUN_DIR = "/run/isobox"
 FS_ROOT = "/run/isobox/fs"                   # the one FUSE mount; <key>/ per container below it
 SOCKET = "/run/isobox/isoboxd.sock"          # the server's registration socket
 TRAP_SOCKET = "/run/isobox/isoboxd-trap.sock"  # the holder's: containers hand their seccomp listeners in
+WARM_SOCKET = "/run/isobox/isobox-runc.sock"  # the warm worker's: isobox-runc hands calls over (runc/warm_client.py)
 AUDIT_LOG = "/var/log/isobox/audit.log"      # one JSON line per refusal or action (`isobox events`)
 INFLIGHT = "/run/isobox/isoboxd-inflight"    # notifications being handled, re-handled after a crash
 LOCK = "/run/isobox/isoboxd.lock"            # held (flock) by the holder while it lives

@@ -49,8 +49,9 @@ class Server:
         if si is not None:
             si.LOADS = self.fs.loads          # sysinfo's loads are /proc/loadavg's
         from isobox.daemon.syscalls.inflight import Inflight
-        self.notifier = Notifier(handlers, audit.write, self._listener_gone, slow=frozenset(registry.SLOW),
-                                 inflight=Inflight(paths.INFLIGHT))
+        log_ = audit.Audit(paths.AUDIT_LOG)
+        self.notifier = Notifier(handlers, log_.add, self._listener_gone, slow=frozenset(registry.SLOW),
+                                 inflight=Inflight(paths.INFLIGHT), on_idle=log_.flush)
 
     # -- seccomp listeners lent by the holder --
     def receive_listeners(self) -> None:

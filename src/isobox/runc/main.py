@@ -139,7 +139,9 @@ def _record(path: str, argv: list[str]) -> None:
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, (json.dumps({"argv": argv, "ppid": os.getppid()}) + "\n").encode())
+            # a call served by isoboxd's warm worker names the engine's process, not the worker
+            ppid = int(os.environ.get("ISOBOX_CALLER_PPID") or os.getppid())
+            os.write(fd, (json.dumps({"argv": argv, "ppid": ppid}) + "\n").encode())
         finally:
             os.close(fd)
     except OSError:
@@ -159,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if fmt not in ("text", "json"):
             raise IsoboxError(f"invalid log-format {fmt!r}: use text or json")
         log = Log(str(g["log"]) if g.get("log") else None, fmt, bool(g.get("debug")))
+        if os.environ.get("ISOBOX_WARM_WORKER"):
+            log.debug(f"served by isoboxd's warm worker (pid {os.getpid()})")
         if g.get("version"):
             sys.stdout.write(_version())
             return 0

@@ -10,6 +10,7 @@ the caller (capabilities in the owning user namespace, locked mounts) are the po
 from __future__ import annotations
 
 import errno
+import functools
 import os
 
 from isobox.daemon.syscalls import nsmount
@@ -33,6 +34,7 @@ ATTRS = ((sc.MS_RDONLY, sc.MOUNT_ATTR_RDONLY), (sc.MS_NOSUID, sc.MOUNT_ATTR_NOSU
 # mount helper is not the caller, so it gets the caller's descriptor instead of the magic link
 
 
+@functools.lru_cache(maxsize=256)
 def flag_names(flags: int) -> str:
     names = [n for bit, n in sorted(FLAG_NAMES.items()) if bit & flags]
     rest = flags & ~sum(FLAG_NAMES)
@@ -56,9 +58,10 @@ def mount(call: Call) -> Verdict:
     src_p, target_p, type_p, flags, data_p = call.args[:5]
     if flags & sc.MS_MGC_MSK == sc.MS_MGC_VAL:      # the pre-2.4 magic: the kernel ignores it
         flags &= ~sc.MS_MGC_MSK
-    source = _opt_str(call, src_p)
-    target = call.read_str(target_p)
-    fstype = _opt_str(call, type_p, 256) if not flags & (sc.MS_BIND | sc.MS_MOVE) else None
+    if not target_p:
+        raise OSError(errno.EFAULT, "NULL pointer")
+    type_p = type_p if not flags & (sc.MS_BIND | sc.MS_MOVE) else 0
+    source, target, fstype = call.read_strs((src_p, 4096), (target_p, 4096), (type_p, 256))
     call.detail.update(source=source, target=target, fstype=fstype, flags=flag_names(flags))
     if flags & EXISTING:
         return proceed("changes an existing mount: the kernel's checks (locked mounts) apply")

@@ -190,16 +190,16 @@ def caller_view(container: Container, pid: int) -> CgroupView:
 def write_out(call: Call, addr: int, data: bytes) -> Verdict | None:
     """Copies data to the caller's addr; a Verdict when that cannot be done, else None.
 
-    A pidfd pins the caller's pid number (it cannot be reused while the fd is open), so once
-    the notification is still valid, that pid is the caller; process_vm_writev then fails on
-    a read-only page with EFAULT, exactly as the kernel's copy_to_user would."""
+    process_vm_writev fails on a read-only page with EFAULT, exactly as the kernel's
+    copy_to_user would (a write through /proc/<pid>/mem would force it). It names the caller
+    by pid, so the notification is checked first: a caller still stopped in the syscall cannot
+    have been reaped, and for its pid to name another process by the write, the caller would
+    have to be killed, reaped and its pid handed out again (after the whole pid space wrapped)
+    within the microseconds between the two calls. A pidfd would not close even that: it pins
+    the process, not its pid number."""
     if addr == 0:
         return refuse(errno.EFAULT, "sysinfo: bad address")
     gone = Verdict("error", errno=errno.ESRCH, reason="sysinfo: caller went away", audit=False)
-    try:
-        pidfd = os.pidfd_open(call.pid)
-    except OSError:
-        return gone
     try:
         if call.valid is not None and not call.valid():
             return gone
@@ -209,8 +209,6 @@ def write_out(call: Call, addr: int, data: bytes) -> Verdict | None:
         if e.errno == errno.ESRCH:
             return gone
         return refuse(errno.EFAULT, "sysinfo: bad address")
-    finally:
-        os.close(pidfd)
     return None
 
 
