@@ -265,6 +265,18 @@ def test_doctor_gate_rows(root, env):
         got = rows(env)
         assert got["docker gate"][1] == "ok" and "served by isobox gate" in got["docker gate"][2], got
         assert got["docker buildkit"][1] == "ok" and wrapper_dir in got["docker buildkit"][2], got
+        from isobox.policy.gatesock import state_path
+        record = state_path(public)
+        saved = open(record, "rb").read()
+        os.unlink(record)                                        # what the runtime trusts is gone
+        try:
+            row = rows(env)["docker gate"]
+            assert row[1] == "warn" and record in row[2] and "restart the gate" in row[2], row
+        finally:
+            fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.write(fd, saved)
+            os.close(fd)
+        assert rows(env)["docker gate"][1] == "ok"
         os.chmod(os.path.dirname(engine), 0o755)                 # dockerd's socket reachable by anyone
         assert rows(env)["docker gate"][1] == "FAIL"
     finally:

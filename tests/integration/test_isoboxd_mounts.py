@@ -233,3 +233,31 @@ def test_through_running_isoboxd(runtime, busybox_rootfs):
         pytest.skip("the running isoboxd server predates the mount handlers (restart isoboxd to load them)")
     assert "rc=0" in r.stdout and "MemTotal:         262144 kB" in r.stdout, (r.stdout, r.stderr)
     assert any(l["syscall"] == "mount" and l["decision"] == "performed" for l in lines)
+
+
+def test_new_proc_mount_gets_the_specs_own_masks(runtime, busybox_rootfs):
+    """Masks an engine adds to the spec (maskedPaths, readonlyPaths under /proc) are carried
+    into a proc the container mounts itself, as isobox's defaults are; a path through a
+    symlink or with ".." is ignored rather than followed out of the new tree."""
+    client.ensure_running()
+
+    def edit(spec: dict) -> None:
+        limited_privileged(spec)
+        spec["linux"]["maskedPaths"] = ["/proc/cmdline", "/proc/self/environ", "/proc/../etc/hostname"]
+        spec["linux"]["readonlyPaths"] = ["/proc/sysvipc"]
+
+    b = runtime.bundle(busybox_rootfs, ["sh", "-c",
+                                        "echo own=$(wc -c < /proc/cmdline); mkdir -p /mnt/p; mount -t proc proc /mnt/p;"
+                                        " echo rc=$?; echo new=$(wc -c < /mnt/p/cmdline);"
+                                        " echo ro=$(grep ' /mnt/p/sysvipc ' /proc/self/mountinfo | cut -d' ' -f6);"
+                                        " echo env=$(grep -c ' /mnt/p/self/environ \\| /mnt/p/[0-9]*/environ '"
+                                        " /proc/self/mountinfo)"], edit=edit)
+    cid = runtime.new_id()
+    r = runtime("run", "--bundle", b, cid, timeout=60)
+    got = kv(r.stdout)
+    assert got.get("rc") == "0", (r.stdout, r.stderr)
+    with open("/proc/cmdline") as f:
+        assert len(f.read()) > 0                     # the host's is not empty: masking shows
+    assert got["own"] == "0" and got["new"] == "0", r.stdout
+    assert got["ro"].split(",")[0] == "ro", r.stdout
+    assert got["env"] == "0", r.stdout

@@ -110,11 +110,14 @@ def daemon_key(root: str, cid: str) -> str:
     return f"{cid[:64]}.{digest}"
 
 
-def register(key: str, cid: str, uid_base: int, gid_base: int, cgroups: dict[str, str]) -> str:
-    """Registers a container; returns its directory below FS_ROOT."""
+def register(key: str, cid: str, uid_base: int, gid_base: int, cgroups: dict[str, str],
+             masked: list[str] = (), readonly: list[str] = ()) -> str:
+    """Registers a container; returns its directory below FS_ROOT. masked, readonly: the
+    spec's paths under /proc and /sys, which new proc and sysfs mounts inside get too."""
     ensure_running()
     call({"op": "register", "key": key, "id": cid, "uid_base": uid_base, "gid_base": gid_base,
-          "cgroups": cgroups})
+          "cgroups": cgroups, "masked": [p for p in masked if p.startswith(("/proc/", "/sys/"))],
+          "readonly": [p for p in readonly if p.startswith(("/proc/", "/sys/"))]})
     return f"{paths.FS_ROOT}/{key}"
 
 

@@ -117,7 +117,9 @@ class Server:
             return {"ok": True, "pid": os.getpid(), "generation": self.generation}
         if op == "register":
             c = Container(key=req["key"], id=req["id"], uid_base=int(req["uid_base"]), gid_base=int(req["gid_base"]),
-                          cgroups=dict(req["cgroups"]), created=boottime())
+                          cgroups=dict(req["cgroups"]), created=boottime(),
+                          masked=[str(m) for m in req.get("masked", ())],
+                          readonly=[str(m) for m in req.get("readonly", ())])
             self.fs.unregister(c.key)          # a stale entry of a container that reused the id
             self.fs.register(c)
             return {"ok": True, "dir": f"{paths.FS_ROOT}/{c.key}"}

@@ -510,7 +510,25 @@ def doctor_rows() -> list[tuple[str, str, str]]:
         rows.append(("docker gate", "FAIL", f"{public} is served by isobox gate (pid {pid}) but dockerd's socket "
                      f"{engine} is reachable without it (its directory is not root-only 0700): "
                      "run `isobox install --gate`"))
+    elif not _record_matches(public, pid):
+        from isobox.policy.gatesock import state_path
+        rows.append(("docker gate", "warn", f"{public} is served by isobox gate (pid {pid}), but its record "
+                     f"{state_path(public)} is missing or names another process or socket: images allowed the "
+                     "socket cannot mount it; restart the gate"))
     else:
         rows.append(("docker gate", "ok", f"{public} is served by isobox gate (pid {pid}) for dockerd at {engine}"))
     rows.append(_buildkit_row(engine))
     return rows
+
+
+def _record_matches(public: str, pid: int) -> bool:
+    """The gate's root-only record (policy/gatesock.py) is what the runtime trusts when a
+    container of an allowed image binds the socket: it must name this pid and this socket."""
+    from isobox.policy import gatesock
+    st = gatesock._read(gatesock.state_path(public))
+    try:
+        sock = os.stat(public)
+    except OSError:
+        return False
+    return (st is not None and st.pid == pid and st.start == gatesock.start_time(pid)
+            and (st.dev, st.ino) == (sock.st_dev, sock.st_ino))

@@ -59,7 +59,7 @@ def _register(root: str, plan: Plan, cg, cleanup: list) -> None:
     dirs = {c: d for c in ("memory", "cpu", "cpuacct", "cpuset", "blkio", "io", "pids", "")
             if (d := cg.dir(c)) is not None}
     k = client.daemon_key(root, plan.id)
-    client.register(k, plan.id, plan.uid_base, plan.gid_base, dirs)
+    client.register(k, plan.id, plan.uid_base, plan.gid_base, dirs, plan.masked_paths, plan.readonly_paths)
     cleanup.append(lambda: client.unregister(k))
     if plan.seccomp is not None:
         plan.seccomp.key = k          # isoboxd accepts the listener only for this container

@@ -18,6 +18,8 @@ class Container:
     init_start: int = 0           # its start time (clock ticks since boot): tells a reused pid apart
     created: float = 0.0          # CLOCK_BOOTTIME seconds when the container was registered
     sysctl: dict[str, str] = field(default_factory=dict)  # per-container values of emulated sysctls
+    masked: list[str] = field(default_factory=list)     # the spec's maskedPaths: new proc/sysfs mounts get them too
+    readonly: list[str] = field(default_factory=list)   # and its readonlyPaths
 
 
 def boottime() -> float:

@@ -105,8 +105,10 @@ def _new_fs(call: Call, fstype: str, target: str, flags: int, data: str | None) 
                 return refuse(errno.ENOENT, f"caller has no descriptor {n}")
         if not call.valid():                    # the fds above are the caller's, not a reused pid's
             return refuse(errno.ESRCH, "caller went away")
-        nsmount.new_fs(caller, nsmount.NewFs(fstype, target, fs_options(data), mount_attrs(flags),
-                                             call.container.key, call.detail.get("source"), target_fd))
+        c = call.container
+        nsmount.new_fs(caller, nsmount.NewFs(fstype, target, fs_options(data), mount_attrs(flags), c.key,
+                                             call.detail.get("source"), target_fd,
+                                             *nsmount.masks_of(c.masked, c.readonly)))
     finally:
         caller.close()
         if target_fd is not None:

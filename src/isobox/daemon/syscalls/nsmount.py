@@ -176,6 +176,18 @@ class NewFs:
     key: str                        # the container's isoboxd key (its nodes under FS_ROOT/key)
     source: str | None = None       # shown in mountinfo, as mount(2) would record it
     target_fd: int | None = None    # the daemon's O_PATH fd of the caller's /proc/self/fd/N target
+    masked: tuple[str, ...] = DEFAULT_MASKED      # the container's own masks (its spec's and isobox's)
+    readonly: tuple[str, ...] = DEFAULT_READONLY
+
+
+def masks_of(masked: list[str], readonly: list[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """A container's registered masks with isobox's defaults (a container registered by an
+    older runtime has none of its own)."""
+    def clean(paths_: list[str]) -> list[str]:
+        # the engine's strings, used below a staging directory: no "..", no relative forms
+        return [p for p in paths_ if p.startswith(("/proc/", "/sys/")) and os.path.normpath(p) == p]
+    return (tuple(dict.fromkeys([*clean(masked), *DEFAULT_MASKED])),
+            tuple(dict.fromkeys([*clean(readonly), *DEFAULT_READONLY])))
 
 
 def new_fs(c: Caller, req: NewFs) -> None:
@@ -208,7 +220,7 @@ def _inner(wfd: int, c: Caller, req: NewFs) -> None:
     fs = _create(req, host=True)
     sc.move_mount(fs, "", sc.AT_FDCWD, stage, sc.MOVE_MOUNT_F_EMPTY_PATH)
     os.close(fs)
-    decorate(stage, req.fstype, req.key, bool(req.attrs & sc.MOUNT_ATTR_RDONLY))
+    decorate(stage, req.fstype, req.key, bool(req.attrs & sc.MOUNT_ATTR_RDONLY), req.masked, req.readonly)
     os.setgroups(c.groups)
     sc.setns(c.fds["user"], sc.CLONE_NEWUSER)
     sc.unshare(sc.CLONE_NEWNS)          # copied into a namespace of the caller's user ns: submounts locked
@@ -243,9 +255,11 @@ def _create(req: NewFs, host: bool) -> int:
         os.close(ctx)
 
 
-def decorate(stage: str, fstype: str, key: str, ro: bool) -> None:
+def decorate(stage: str, fstype: str, key: str, ro: bool, masked: tuple[str, ...] = DEFAULT_MASKED,
+             readonly: tuple[str, ...] = DEFAULT_READONLY) -> None:
     """isoboxd's nodes, the masks and the read-only paths of the container's own /proc or
-    /sys, onto the new filesystem attached at stage (builder.py does the same, same order)."""
+    /sys (the spec's maskedPaths and readonlyPaths with isobox's defaults), onto the new
+    filesystem attached at stage (builder.py does the same, same order)."""
     prefix = "/proc" if fstype == "proc" else "/sys"
     extra = sc.MS_RDONLY if ro else 0
     for kind, source, dest in paths.emulated(key):
@@ -256,18 +270,23 @@ def decorate(stage: str, fstype: str, key: str, ro: bool) -> None:
             sc.mount("isobox-emulation", where, "overlay", sc.MS_RDONLY | NODE_FLAGS, f"lowerdir={source}:{where}")
         else:
             _bind(source, where, NODE_FLAGS | extra)
-    for dest in DEFAULT_MASKED:
+    for dest in masked:
         where = _under(stage, prefix, dest)
-        if where is None or not os.path.lexists(where):
-            continue
+        if where is None or not os.path.lexists(where) or not _plain(stage, where):
+            continue        # (a path through a symlink, /proc/self/..., would leave the new tree)
         if os.path.isdir(where):
             sc.mount("tmpfs", where, "tmpfs", sc.MS_RDONLY | NODE_FLAGS, "size=0,mode=555")
         else:
             sc.mount("/dev/null", where, None, sc.MS_BIND)
-    for dest in DEFAULT_READONLY:
+    for dest in readonly:
         where = _under(stage, prefix, dest)
-        if where is not None and os.path.lexists(where):
+        if where is not None and os.path.lexists(where) and _plain(stage, where):
             _bind(where, where, sc.MS_RDONLY | NODE_FLAGS)
+
+
+def _plain(stage: str, where: str) -> bool:
+    """where, below stage, is reached without following a symlink."""
+    return os.path.realpath(where) == os.path.realpath(stage) + where[len(stage):]
 
 
 def _under(stage: str, prefix: str, dest: str) -> str | None:
