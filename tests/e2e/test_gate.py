@@ -403,6 +403,29 @@ def test_streamed_chunked_body_then_next_request(gate):
     assert status(r) == 404 and b"\r\n\r\nOK" in r and r.count(b"HTTP/1.1 ") == 2, r
 
 
+def test_chunked_download_then_next_requests_are_still_parsed(gate):
+    """A chunked response (`docker cp` out) is relayed as dockerd framed it; on the same
+    connection, the next request is still parsed: a normalised ping, then a create with the
+    host's root bound (Go's case-insensitive keys) that must be refused, not tunnelled."""
+    name = unique("gate")
+    try:
+        gate("create", "--name", name, IMAGE, "true", check=True)
+        get = b"GET /v1.41/containers/" + name.encode() + b"/archive?path=/bin/busybox HTTP/1.1\r\nHost: d\r\n\r\n"
+        body = json.dumps({"Image": IMAGE, "hostconfig": {"binds": ["/:/h"]}}).encode()
+        create = (b"POST /v1.41/containers/create HTTP/1.1\r\nHost: d\r\nContent-Type: application/json\r\n"
+                  b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        r = raw(gate.sock, get + b"GET //_ping HTTP/1.1\r\nHost: d\r\n\r\n" + create, timeout=30)
+        head, _, rest = r.partition(b"\r\n\r\n")
+        assert status(head) == 200 and re.search(rb"(?im)^transfer-encoding: chunked", head), head
+        # the tar of busybox (over a megabyte) in dockerd's chunks, then the two answers
+        second = rest.index(b"\r\n0\r\n\r\nHTTP/1.1 200") + len(b"\r\n0\r\n\r\n")   # (busybox holds "HTTP/1.1")
+        assert second > 1 << 20
+        ping, _, third = rest[second:].partition(b"\r\n\r\nOK")
+        assert status(third) == 403 and b"isobox gate" in third, third[:300]
+    finally:
+        rm_f(gate, name)
+
+
 @pytest.mark.parametrize("body", [b"3;ext=1\r\nabc\r\n0\r\n\r\n", b"3\r\nabc\r\n0\r\nX-Trailer: 1\r\n\r\n",
                                   b"3\nabc\r\n0\r\n\r\n", b"3\r\nabcd\r\n0\r\n\r\n", b" 3\r\nabc\r\n0\r\n\r\n"])
 def test_non_canonical_chunked_framing_is_refused(gate, body):

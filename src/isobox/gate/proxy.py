@@ -275,6 +275,7 @@ class Connection:
         self.up_sock: socket.socket | None = None
         self.up: h11.Connection | None = None
         self.poller: select.poll | None = None
+        self.method = b""                    # the request being answered (HEAD has no body)
 
     def serve(self) -> None:
         try:
@@ -349,6 +350,7 @@ class Connection:
             log(f"refused {method} {req.raw_target} ({self._who()}): {decision.message}")
             return self._refuse(decision.status, decision.message)
         body = decision.body if decision.body is not None else (req.body if buffered else None)
+        self.method = ev.method
         if not self._forward_request(ev, target, body):
             return False
         return self._relay_response(_is_hijack(method, target.path))
@@ -529,7 +531,12 @@ class Connection:
                 if hijackable and self._raw_stream(ev):
                     self._hijack(ev)
                     return False
-                _send(self.sock, self.down.send_with_data_passthrough(ev))
+                head = self.down.send(ev)
+                _send(self.sock, head)
+                if (_header(ev.headers, b"transfer-encoding") == b"chunked" and self.method != b"HEAD"
+                        and ev.status_code not in (204, 304) and self.up.their_state is h11.SEND_BODY
+                        and b"\r\ntransfer-encoding: chunked\r\n" in head.lower()):
+                    return self._relay_chunked_verbatim(ev)
             elif isinstance(ev, h11.Data):
                 _send(self.sock, self.down.send_with_data_passthrough(ev))
             elif isinstance(ev, h11.EndOfMessage):
@@ -537,6 +544,49 @@ class Connection:
                 return self._after_response()
             else:
                 raise Gone("engine closed before answering")
+
+    def _relay_chunked_verbatim(self, ev: h11.Response) -> bool:
+        """A chunked response body (`docker cp` out, `save`, `logs`) goes to the client as
+        dockerd framed it: h11 would hand it over chunk by chunk and frame it again, which made
+        a 200 MiB download 23% slower. The scanner finds the body's end, so the keep-alive
+        connection stays in step; the client's parser sees the same bytes either way."""
+        scanner = ChunkedScanner()
+        data = self.up.trailing_data[0]
+        while True:
+            try:
+                end = scanner.feed(data) if data else None
+            except BadRequest as e:
+                raise Gone(f"engine answered a malformed chunked body: {e}") from None
+            if end is not None:
+                _send(self.sock, data[:end])
+                break
+            _send(self.sock, data)
+            try:
+                # what has arrived meanwhile, without a poll; the poll (which also notices a
+                # client that went away) only when dockerd has nothing yet
+                data = self.up_sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                while True:
+                    ready = dict(self.poller.poll())
+                    if _hup(ready.get(self.sock.fileno(), 0)):
+                        raise Gone("client closed during a response")
+                    if self.up_sock.fileno() in ready:
+                        break
+                try:
+                    data = self.up_sock.recv(RECV_SIZE)
+                except OSError as e:
+                    raise Gone(str(e)) from None
+            except OSError as e:
+                raise Gone(str(e)) from None
+            if not data:
+                raise Gone("engine closed inside a chunked body")
+        self.down.send(h11.EndOfMessage())        # the terminator went verbatim: only the state moves
+        close = any(t.strip() == b"close" for k, v in ev.headers if k == b"connection" for t in v.lower().split(b","))
+        if data[end:] or close or ev.http_version != b"1.1":
+            self._close_upstream()                # (dockerd never sends more than it was asked)
+        else:
+            self.up = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)   # idle, in step
+        return self._next_cycle()
 
     def _after_response(self) -> bool:
         if self.up.our_state is h11.DONE and self.up.their_state is h11.DONE:
