@@ -8,6 +8,7 @@ import pytest
 
 from isobox.errors import IsoboxError
 from isobox.seccomp import check, prepare, profile as P
+from isobox.seccomp.compile import compile_profile
 
 
 def engine_profile(**kw) -> dict:
@@ -44,7 +45,7 @@ def test_trap_off_by_default_and_listener_conflict():
 
 def test_compiled_filter_has_notify_and_all_arches():
     sec = prepare(engine_profile(), cid="c1", trap_socket="/run/isoboxd.sock")
-    pfc = sec.compiled.export_pfc()
+    pfc = compile_profile(sec.compiled.profile).export_pfc()
     for arch in ("x86_64", "x86", "x32"):
         assert f"filter for arch {arch} " in pfc
     assert "0x7fc00000" in pfc                      # SCMP_ACT_NOTIFY
@@ -61,7 +62,7 @@ def test_unknown_syscall_names_are_skipped():
 def test_only_listed_arches():
     sec = prepare({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
                    "syscalls": [{"names": ["mkdir"], "action": "SCMP_ACT_ERRNO"}]})
-    pfc = sec.compiled.export_pfc()
+    pfc = compile_profile(sec.compiled.profile).export_pfc()
     assert "arch x86_64" in pfc and "arch x86 " not in pfc and "arch x32" not in pfc
 
 

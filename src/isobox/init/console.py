@@ -8,11 +8,12 @@ runtime beforehand (its path is on the host) and inherited."""
 from __future__ import annotations
 
 import _socket
-import array
 import fcntl
 import os
+import sys
 
 from isobox.errors import IsoboxError
+from isobox.init.channel import rights
 
 TIOCGPTN = 0x80045430
 TIOCSPTLCK = 0x40045431
@@ -42,21 +43,21 @@ def open_pty() -> tuple[int, int]:
     except OSError as e:
         raise IsoboxError(f"cannot open /dev/ptmx in the container (is /dev/pts a devpts mount?): "
                           f"{e.strerror}") from None
-    fcntl.ioctl(master, TIOCSPTLCK, array.array("i", [0]))
+    fcntl.ioctl(master, TIOCSPTLCK, bytes(4))            # int 0: unlock
     # TIOCGPTPEER opens the peer without a path lookup that a container could redirect
     slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
     return master, slave
 
 
 def pty_name(master: int) -> str:
-    buf = array.array("i", [0])
+    buf = bytearray(4)
     fcntl.ioctl(master, TIOCGPTN, buf)
-    return f"/dev/pts/{buf[0]}"
+    return f"/dev/pts/{int.from_bytes(buf, sys.byteorder)}"
 
 
 def send_master(sock: _socket.socket, master: int) -> None:
     name = pty_name(master).encode()
-    sock.sendmsg([name], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [master]))])
+    sock.sendmsg([name], rights([master]))
 
 
 def make_controlling(slave: int) -> None:

@@ -13,7 +13,7 @@ P itself never changes its mount namespace.
 from __future__ import annotations
 
 import os
-import signal  # keep: also loads signal for the container init, which imports it past pivot_root
+import _signal  # keep: also loads it for the container init, which imports it past pivot_root
 from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
@@ -213,7 +213,7 @@ def _read_msg(fd: int) -> bytes:
 
 def _kill_and_reap(pid: int) -> None:
     try:
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, _signal.SIGKILL)
     except ProcessLookupError:
         return
     try:

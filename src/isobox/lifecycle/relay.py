@@ -4,7 +4,6 @@ bytes between it and its own stdio until the process exits (as runc does)."""
 from __future__ import annotations
 
 import _socket
-import array
 import errno
 import os
 import select
@@ -18,11 +17,12 @@ def socket_pair() -> tuple[_socket.socket, _socket.socket]:
 
 
 def receive_master(sock: _socket.socket) -> int:
-    fds = array.array("i")
-    _, anc, _, _ = sock.recvmsg(4096, _socket.CMSG_LEN(fds.itemsize))
+    from isobox.init.channel import unpack_fds
+    fds: list[int] = []
+    _, anc, _, _ = sock.recvmsg(4096, _socket.CMSG_LEN(4))
     for level, kind, data in anc:
         if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+            fds += unpack_fds(data)
     sock.close()
     if len(fds) != 1:
         raise IsoboxError("the container did not send its terminal")

@@ -292,6 +292,22 @@ def fstatfs(fd: int) -> int:
     return struct.unpack_from("l", buf.raw, 0)[0] & 0xFFFFFFFF
 
 
+# --- seccomp(2) with a raw classic-BPF program ---
+SYS_seccomp = 317
+SECCOMP_SET_MODE_FILTER = 1
+
+
+def seccomp_set_mode_filter(bpf: bytes, flags: int = 0) -> int:
+    """seccomp(SECCOMP_SET_MODE_FILTER, flags, &(struct sock_fprog){len, filter}): bpf is the
+    array of struct sock_filter (8 bytes each). Returns the syscall's result (a listener fd
+    with SECCOMP_FILTER_FLAG_NEW_LISTENER, else 0)."""
+    import struct
+    buf = ctypes.create_string_buffer(bpf, len(bpf))
+    fprog = ctypes.create_string_buffer(struct.pack("<H6xQ", len(bpf) // 8, ctypes.addressof(buf)), 16)
+    return _check(_syscall(ctypes.c_long(SYS_seccomp), ctypes.c_long(SECCOMP_SET_MODE_FILTER), ctypes.c_long(flags),
+                           fprog), "seccomp", hex(flags))
+
+
 # --- another process's memory (process_vm_readv(2), process_vm_writev(2)) ---
 # Unlike /proc/<pid>/mem, these honour the target's page protections (a write to a read-only
 # page is EFAULT, as copy_to_user would be) and need no open: one syscall per access.

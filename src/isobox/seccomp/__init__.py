@@ -36,13 +36,13 @@ from __future__ import annotations
 from isobox import jsonfast as json  # json without its import cost (see jsonfast)
 import os
 import _socket  # not socket.py: it costs ~5 ms of imports on every create
-import array
 
 from isobox.errors import IsoboxError
 from isobox.ids.procinfo import host_pid as _host_pid
 # imported here, not when loading: the filter is loaded after the process entered the
 # container's mount namespace, where isobox's modules do not exist
 from isobox.seccomp import newer
+from isobox.init.channel import rights
 from isobox.seccomp.profile import TRAPPED, Profile, merge_trap, parse  # noqa: F401  (re-exported)
 
 TRAP_SOCKET_ENV = "ISOBOX_SECCOMP_TRAP_SOCKET"
@@ -63,7 +63,8 @@ def trap_socket() -> str:
 
 
 class Seccomp:
-    """What Plan.seccomp holds: the compiled filter and where its listener fd goes."""
+    """What Plan.seccomp holds: the compiled filter (a bpfcache.Program) and where its
+    listener fd goes."""
 
     def __init__(self, compiled, *, cid: str, bundle: str, annotations: dict, trap_socket: str):
         self.compiled = compiled
@@ -100,9 +101,23 @@ def prepare(spec_seccomp: dict | None, *, cid: str = "", bundle: str = "", annot
     prof = check(spec_seccomp, trap_socket)
     if prof is None:
         return None
-    from isobox.seccomp.compile import compile_profile
-    return Seccomp(compile_profile(prof), cid=cid, bundle=bundle, annotations=dict(annotations or {}),
+    return Seccomp(program(prof), cid=cid, bundle=bundle, annotations=dict(annotations or {}),
                    trap_socket=trap_socket)
+
+
+def program(prof: Profile):
+    """prof as BPF: from the cache (bpfcache.py) when an earlier create compiled it, else
+    compiled with libseccomp now and cached."""
+    from isobox.seccomp import bpfcache
+    prog = bpfcache.lookup(prof)
+    if prog is None:
+        from isobox.seccomp.compile import compile_profile, library_path
+        compiled = compile_profile(prof)
+        prog = bpfcache.Program(prof, compiled.export_bpf(), compiled.skipped)
+        lib = library_path()
+        if lib:
+            bpfcache.store(prog, lib)
+    return prog
 
 
 def _connect(path: str) -> _socket.socket:
@@ -171,7 +186,7 @@ def _load_and_send(sec: Seccomp, conn: _socket.socket | None, host_pid: int) -> 
                        "state": {"ociVersion": OCI_VERSION, "id": sec.cid, "status": "creating", "pid": host_pid,
                                  "bundle": sec.bundle, "annotations": sec.annotations}}
             try:
-                conn.sendmsg([json.dumps(msg).encode()], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, array.array("i", [fd]))])
+                conn.sendmsg([json.dumps(msg).encode()], rights([fd]))
             except OSError as e:
                 raise IsoboxError(f"seccomp: cannot send the listener fd to {sec.socket_path}: {e.strerror}") from None
         finally:

@@ -29,6 +29,7 @@ container's libraries.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 from isobox.errors import IsoboxError
@@ -109,12 +110,39 @@ class Compiled:
             raise IsoboxError("seccomp: the filter has notify rules but libseccomp returned no listener fd")
         return fd
 
+    def export_bpf(self) -> bytes:
+        """The program libseccomp's seccomp_load() would hand the kernel (struct sock_filter[])."""
+        fd = os.memfd_create("isobox-bpf", os.MFD_CLOEXEC)
+        try:
+            self.filter.export_bpf(_Fd(fd))
+            size = os.lseek(fd, 0, os.SEEK_CUR)
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+
     def export_pfc(self) -> str:
         import tempfile
         with tempfile.TemporaryFile("w+") as f:
             self.filter.export_pfc(f)
             f.seek(0)
             return f.read()
+
+
+class _Fd:
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+
+def library_path() -> str:
+    """The libseccomp file this process loaded (the cache records which one compiled)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "libseccomp" in line:
+                return line.split(None, 5)[5].strip()
+    return ""
 
 
 def compile_profile(prof: P.Profile) -> Compiled:

@@ -7,19 +7,16 @@ ABIs (callers fall back to setxattr, which is trapped). Filters stack: the kerne
 the most restrictive verdict of all, so this one only ever narrows the main filter."""
 from __future__ import annotations
 
-import ctypes
 import struct
 
 AUDIT_ARCH_X86_64 = 0xC000003E
 AUDIT_ARCH_I386 = 0x40000003
 X32_BIT = 0x40000000
 NEWER = (463,)                            # setxattrat (same number on x86_64, i386 and x32 | X32_BIT)
-SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
 ENOSYS = 38
 LD_ABS_W, JEQ_K, RET_K = 0x20, 0x15, 0x06
-SYS_seccomp = 317
 
 
 def program() -> list[tuple[int, int, int, int]]:
@@ -39,13 +36,6 @@ def program() -> list[tuple[int, int, int, int]]:
 def load() -> None:
     """Installs the guard on the calling thread (same conditions as any seccomp filter:
     no_new_privs, or CAP_SYS_ADMIN in the caller's user namespace)."""
-    insns = program()
-    raw = b"".join(struct.pack("<HBBI", code, jt, jf, k) for code, jt, jf, k in insns)
-    buf = ctypes.create_string_buffer(raw, len(raw))
-    fprog = struct.pack("<H6xQ", len(insns), ctypes.addressof(buf))
-    fbuf = ctypes.create_string_buffer(fprog, len(fprog))
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.syscall(ctypes.c_long(SYS_seccomp), ctypes.c_long(SECCOMP_SET_MODE_FILTER), ctypes.c_long(0), fbuf) != 0:
-        err = ctypes.get_errno()
-        import os
-        raise OSError(err, f"seccomp (newer-syscall guard): {os.strerror(err)}")
+    from isobox.linux.syscalls import seccomp_set_mode_filter
+    raw = b"".join(struct.pack("<HBBI", code, jt, jf, k) for code, jt, jf, k in program())
+    seccomp_set_mode_filter(raw)
