@@ -128,6 +128,8 @@ def make_call(listener: int, raw: bytes, container, decoded=None) -> Call:
                 container=container, valid=lambda: id_valid(listener, cookie))
 
 
+PACE_FROM = 500             # calls in a window before a listener that dominates is paced
+PACE = 0.001                # seconds such a listener waits before its next call is taken
 LOOP_NICE = -10             # the notify loop's niceness (the rest of isoboxd keeps 0)
 SHARE_WINDOW = 1.0          # seconds over which calls per listener are counted for ordering
 
@@ -141,7 +143,11 @@ class Notifier:
     are on only while at most one listener is busy: they pull every caller onto isoboxd's
     CPU, which speeds up a lone caller but piles contending containers onto one CPU (measured:
     the fairness test's p99 ratio went from about 1.4 to 1.7 with them always on), so the
-    first sign of a second busy listener turns them off until a quiet window. Audit events of inline calls are
+    first sign of a second busy listener turns them off until a quiet window. While two are
+    busy, one that makes more than twice the calls of any other (a loop of sysinfo, say) is
+    paced: after each of its calls its listener is disarmed for PACE, so its caller waits in
+    the kernel instead of taking the CPUs the other containers' processes need (it still gets
+    some thousands of calls a second). Audit events of inline calls are
     handed to on_verdict at once (a buffer) and on_idle() is called when no listener is
     ready, so writing the log never stands between two callers."""
 
@@ -164,6 +170,7 @@ class Notifier:
         self.calls: dict[int, int] = {}       # fd -> calls served in the current window
         self.synced = True                    # listeners have SYNC_WAKE_UP set (see the class doc)
         self.dirty = False                    # on_verdict got events since the last on_idle
+        self.paused: dict[int, float] = {}    # fd -> monotonic time its pacing pause ends
 
     def add(self, fd: int, key: str, container) -> None:
         if self.synced:
@@ -192,14 +199,24 @@ class Notifier:
             pass
         window = time.monotonic()
         calls = self.calls
+        paused = self.paused
         while True:
-            events = self.ep.poll(0 if self.dirty else -1)
-            if not events:
-                self.dirty = False
-                if self.on_idle is not None:
-                    self.on_idle()
-                continue
+            timeout = -1.0
+            if paused:
+                timeout = max(0.0, min(paused.values()) - time.monotonic())
+            events = self.ep.poll(0 if self.dirty else timeout)
             now = time.monotonic()
+            if paused:
+                for fd in [fd for fd, until in paused.items() if until <= now]:
+                    del paused[fd]
+                    if fd in self.listeners:
+                        self.ep.modify(fd, select.EPOLLIN)
+            if not events:
+                if self.dirty:
+                    self.dirty = False
+                    if self.on_idle is not None:
+                        self.on_idle()
+                continue
             if now - window > SHARE_WINDOW:
                 if not self.synced and len(calls) <= 1:
                     self._sync(True)               # a quiet window: one caller at most
@@ -216,10 +233,19 @@ class Notifier:
                 if ev & select.EPOLLIN:
                     raw = recv(fd)
                     if raw is not None:
-                        calls[fd] = calls.get(fd, 0) + 1
+                        n = calls[fd] = calls.get(fd, 0) + 1
                         self._dispatch(fd, raw, entry)
+                        if not self.synced and n >= PACE_FROM and fd not in paused and self._hogs(fd, n):
+                            self.ep.modify(fd, 0)          # its next call waits (in the kernel)
+                            paused[fd] = now + PACE
                 elif ev & (select.EPOLLHUP | select.EPOLLERR):
+                    paused.pop(fd, None)
                     self._drop(fd, entry[0])
+
+    def _hogs(self, fd: int, n: int) -> bool:
+        """Another listener made calls in this window, and fd more than twice as many as any."""
+        others = [c for other, c in self.calls.items() if other != fd]
+        return bool(others) and all(n > 2 * c for c in others)
 
     def _drop(self, fd: int, key: str) -> None:
         with self.lock:
