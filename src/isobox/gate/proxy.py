@@ -507,17 +507,29 @@ class Connection:
                 raise Gone(f"engine answered malformed HTTP: {e}") from None
             if ev is not h11.NEED_DATA:
                 return ev
-            while True:
-                ready = dict(self.poller.poll())
-                if _hup(ready.get(self.sock.fileno(), 0)):
-                    raise Gone("client closed while waiting for the engine")
-                if self.up_sock.fileno() in ready:
-                    break
+            self.up.receive_data(self._up_recv(wait=True))
+
+    def _up_recv(self, wait: bool) -> bytes:
+        """Bytes from dockerd (b"" at its EOF). Without wait, what has already arrived is read
+        without a poll; the poll, which also notices a client that went away, only comes when
+        dockerd has nothing yet."""
+        if not wait:
             try:
-                data = self.up_sock.recv(RECV_SIZE)
+                return self.up_sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
             except OSError as e:
                 raise Gone(str(e)) from None
-            self.up.receive_data(data)
+        while True:
+            ready = dict(self.poller.poll())
+            if _hup(ready.get(self.sock.fileno(), 0)):
+                raise Gone("client closed while waiting for the engine")
+            if self.up_sock.fileno() in ready:
+                break
+        try:
+            return self.up_sock.recv(RECV_SIZE)
+        except OSError as e:
+            raise Gone(str(e)) from None
 
     def _relay_response(self, hijackable: bool) -> bool:
         while True:
@@ -561,23 +573,7 @@ class Connection:
                 _send(self.sock, data[:end])
                 break
             _send(self.sock, data)
-            try:
-                # what has arrived meanwhile, without a poll; the poll (which also notices a
-                # client that went away) only when dockerd has nothing yet
-                data = self.up_sock.recv(RECV_SIZE, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                while True:
-                    ready = dict(self.poller.poll())
-                    if _hup(ready.get(self.sock.fileno(), 0)):
-                        raise Gone("client closed during a response")
-                    if self.up_sock.fileno() in ready:
-                        break
-                try:
-                    data = self.up_sock.recv(RECV_SIZE)
-                except OSError as e:
-                    raise Gone(str(e)) from None
-            except OSError as e:
-                raise Gone(str(e)) from None
+            data = self._up_recv(wait=False)
             if not data:
                 raise Gone("engine closed inside a chunked body")
         self.down.send(h11.EndOfMessage())        # the terminator went verbatim: only the state moves
