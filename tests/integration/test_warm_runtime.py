@@ -48,6 +48,8 @@ def served_warm(runtime, tmp_path, *args: str, env=None) -> tuple[subprocess.Com
 
 
 def test_state_kill_delete_are_served_warm_with_the_callers_output(warm, runtime, busybox_rootfs, tmp_path):
+    status = subprocess.run(["isobox", "daemon", "--status"], capture_output=True, text=True, timeout=30)
+    assert "warm worker answering" in status.stdout, status.stdout + status.stderr
     cid = started(runtime, busybox_rootfs)
     r, warm_ = served_warm(runtime, tmp_path, "state", cid)
     assert r.returncode == 0 and warm_, r.stderr

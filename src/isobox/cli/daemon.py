@@ -30,7 +30,8 @@ def status() -> int:
     r = client.call({"op": "stats"})
     ping = client.call({"op": "ping"})
     print(f"isoboxd: running, holder pid {read_text(paths.HOLDER_PID, '?')}, server pid {ping['pid']} "
-          f"(generation {ping['generation']}), {r['containers']} containers, RSS {r['rss_kib']} KiB")
+          f"(generation {ping['generation']}), {r['containers']} containers, RSS {r['rss_kib']} KiB, "
+          f"warm worker {'answering' if client.warm_worker_answers() else 'not answering'}")
     return 0
 
 

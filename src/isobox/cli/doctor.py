@@ -61,7 +61,11 @@ def _isoboxd() -> tuple[str, str, str]:
     from isobox.daemon import client, paths
     if client.running():
         r = client.call({"op": "stats"})
-        return ("isoboxd", OK, f"running, {r['containers']} containers, RSS {r['rss_kib']} KiB; FUSE at {paths.FS_ROOT}")
+        warm = ("its warm worker serves isobox-runc's start/state/kill/delete" if client.warm_worker_answers() else
+                f"its warm worker does not answer on {paths.WARM_SOCKET} (isobox-runc runs every call itself; "
+                f"see {paths.LOG})")
+        return ("isoboxd", OK, f"running, {r['containers']} containers, RSS {r['rss_kib']} KiB; FUSE at {paths.FS_ROOT}; "
+                f"{warm}")
     if client.holder_alive():
         return ("isoboxd", WARN, f"holder alive but the server does not answer; see {paths.LOG}")
     return ("isoboxd", OK, "not running; isobox-runc starts it on the first create (or run `isobox daemon`)")

@@ -44,6 +44,19 @@ def running() -> bool:
         return False
 
 
+def warm_worker_answers() -> bool:
+    """The warm worker (daemon/warm.py) accepts calls on its socket."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    try:
+        s.settimeout(2.0)
+        s.connect(paths.WARM_SOCKET)
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
 def holder_alive() -> bool:
     """The holder holds an exclusive flock on LOCK while it lives."""
     import fcntl
