@@ -49,9 +49,9 @@ class Server:
         if si is not None:
             si.LOADS = self.fs.loads          # sysinfo's loads are /proc/loadavg's
         from isobox.daemon.syscalls.inflight import Inflight
-        log_ = audit.Audit(paths.AUDIT_LOG)
-        self.notifier = Notifier(handlers, log_.add, self._listener_gone, slow=frozenset(registry.SLOW),
-                                 inflight=Inflight(paths.INFLIGHT), on_idle=log_.flush)
+        self.audit = audit.Audit(paths.AUDIT_LOG)
+        self.notifier = Notifier(handlers, self.audit.add, self._listener_gone, slow=frozenset(registry.SLOW),
+                                 inflight=Inflight(paths.INFLIGHT), on_idle=self.audit.flush)
 
     # -- seccomp listeners lent by the holder --
     def receive_listeners(self) -> None:
@@ -280,12 +280,24 @@ def _rss_kib() -> int:
 def main() -> None:
     logging.basicConfig(stream=sys.stderr, level=logging.INFO,
                         format="%(asctime)s isoboxd[%(process)d] %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    at_term: list = []
+
+    def on_term(*_) -> None:
+        for fn in at_term:          # audit lines still buffered (at most FLUSH_EVERY of them)
+            try:
+                fn()
+            except Exception:  # noqa: BLE001 - stopping must not fail
+                pass
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
     # A thread busy with one container's flood of trapped calls would otherwise keep the GIL
     # for 5 ms slices, and every other container's call would wait that long (the fairness
     # the issue measures): hand it over every 0.2 ms.
     sys.setswitchinterval(0.0002)
     fd = int(os.environ["ISOBOXD_FUSE_FD"])
-    Server(fd, int(os.environ.get("ISOBOXD_GENERATION", "0"))).run()
+    server = Server(fd, int(os.environ.get("ISOBOXD_GENERATION", "0")))
+    at_term.append(server.audit.flush)
+    server.run()
     # the connection is gone (unmounted): tell the holder not to restart us
     os.kill(os.getppid(), signal.SIGTERM)
