@@ -99,6 +99,75 @@ def build_busybox_tar(path: str) -> str:
     return path
 
 
+SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
+GATE_PING = b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"
+
+
+class Gate:
+    """`isobox gate` (this checkout's) on `listen` (default: a socket in tmp) in front of the
+    fixture's dockerd, with extra CLI arguments; callable like Dockerd. ready() says when it
+    serves; subclasses wait for more."""
+
+    def __init__(self, dockerd, tmp: str, listen: str | None = None, extra: tuple[str, ...] = ()):
+        self.dockerd = dockerd
+        self.tmp = tmp
+        self.sock = listen or os.path.join(tmp, "gate.sock")
+        self.extra = extra
+        self.log_path = os.path.join(tmp, "gate.log")
+        self.env = dict(dockerd.env, DOCKER_HOST=f"unix://{self.sock}")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "isobox.cli.main", "gate", "--listen", self.sock, "--engine", self.dockerd.sock,
+                 *self.extra],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                env=dict(os.environ, PYTHONPATH=SRC))     # this checkout's isobox, whatever the venv links
+        end = time.time() + 30
+        while time.time() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"isobox gate exited {self.proc.returncode}:\n{self.log()}")
+            if self.ready():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"isobox gate did not answer:\n{self.log()}")
+
+    def ready(self) -> bool:
+        if not os.path.exists(self.sock):
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(2)
+            try:
+                s.connect(self.sock)
+                s.sendall(GATE_PING)
+                return b" 200 " in s.recv(20)
+            except OSError:
+                return False
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_pid(self.proc.pid, timeout=10)
+            self.proc.wait(10)
+            self.proc = None
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def __call__(self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None,
+                 **kw) -> subprocess.CompletedProcess:
+        r = subprocess.run([DOCKER, *args], capture_output=True, text=True, env=self.env, timeout=timeout,
+                           input=input, stdin=None if input is not None else subprocess.DEVNULL, **kw)
+        if check and r.returncode != 0:
+            raise AssertionError(f"docker {' '.join(args)} through the gate failed ({r.returncode}):\n"
+                                 f"{r.stdout}\n{r.stderr}\n--- gate log:\n{self.log()[-3000:]}")
+        return r
+
+
 def stop_pid(pid: int, timeout: float = 30) -> None:
     """SIGTERM, wait, then SIGKILL: only this pid, which the caller started."""
     try:

@@ -17,67 +17,13 @@ import socket
 import stat
 import struct
 import subprocess
-import sys
 import tempfile
 import termios
 import time
 
 import pytest
 
-from e2e.conftest import DOCKER, IMAGE, stop_pid, unique
-
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
-
-
-class Gate:
-    """`isobox gate` on a temp socket in front of the fixture's dockerd; callable like Dockerd."""
-
-    def __init__(self, dockerd, tmp: str):
-        self.dockerd = dockerd
-        self.tmp = tmp
-        self.sock = os.path.join(tmp, "gate.sock")
-        self.log_path = os.path.join(tmp, "gate.log")
-        self.env = dict(dockerd.env, DOCKER_HOST=f"unix://{self.sock}")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        log = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "isobox.cli.main", "gate", "--listen", self.sock, "--engine", self.dockerd.sock],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-            env=dict(os.environ, PYTHONPATH=SRC))     # this checkout's isobox, whatever the venv links
-        log.close()
-        end = time.time() + 30
-        while time.time() < end:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"isobox gate exited {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(self.sock) and b" 200 " in raw(self.sock, PING, timeout=2)[:20]:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"isobox gate did not answer:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc.pid, timeout=10)
-            self.proc.wait(10)
-            self.proc = None
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __call__(self, *args: str, check: bool = False, timeout: float = 120, input: str | None = None,
-                 **kw) -> subprocess.CompletedProcess:
-        r = subprocess.run([DOCKER, *args], capture_output=True, text=True, env=self.env, timeout=timeout,
-                           input=input, stdin=None if input is not None else subprocess.DEVNULL, **kw)
-        if check and r.returncode != 0:
-            raise AssertionError(f"docker {' '.join(args)} through the gate failed ({r.returncode}):\n"
-                                 f"{r.stdout}\n{r.stderr}\n--- gate log:\n{self.log()[-3000:]}")
-        return r
+from e2e.conftest import DOCKER, IMAGE, Gate, stop_pid, unique
 
 
 PING = b"GET /_ping HTTP/1.1\r\nHost: docker\r\nConnection: close\r\n\r\n"

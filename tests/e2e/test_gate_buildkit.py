@@ -16,8 +16,7 @@ import tempfile
 
 import pytest
 
-from e2e.conftest import IMAGE, unique
-from e2e.test_gate import SRC, Gate
+from e2e.conftest import IMAGE, SRC, Gate, unique
 
 
 @pytest.fixture

@@ -9,17 +9,14 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
 
-from e2e.conftest import DOCKER, IMAGE, stop_pid, unique
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
+from e2e.conftest import IMAGE, Gate, unique
 
 
 class _Unix(http.client.HTTPConnection):
@@ -57,36 +54,13 @@ def gate(dockerd):
     with open(policy, "w") as f:
         f.write(model.default_toml())
     os.chmod(policy, 0o644)
-    sock = os.path.join(tmp, "gate.sock")
-    log = open(os.path.join(tmp, "gate.log"), "w")
-    env = dict(os.environ, PYTHONPATH=SRC)
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from isobox.cli.main import main; sys.exit(main())",
-                             "gate", "--listen", sock, "--engine", dockerd.sock, "--policy", policy],
-                            stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True)
-    end = time.time() + 30
-    while not os.path.exists(sock):
-        if proc.poll() is not None or time.time() > end:
-            log.close()
-            raise RuntimeError("isobox gate did not start:\n" + open(os.path.join(tmp, "gate.log")).read())
-        time.sleep(0.1)
-
-    class Gate:
-        path = sock
-        policy_path = policy
-        env_ = dict(dockerd.env, DOCKER_HOST=f"unix://{sock}")
-
-        def __call__(self, *args: str, check: bool = False, timeout: float = 120) -> subprocess.CompletedProcess:
-            r = subprocess.run([DOCKER, *args], capture_output=True, text=True, env=self.env_, timeout=timeout,
-                               stdin=subprocess.DEVNULL)
-            if check and r.returncode != 0:
-                raise AssertionError(f"docker {' '.join(args)} through the gate failed:\n{r.stdout}\n{r.stderr}")
-            return r
+    g = Gate(dockerd, tmp, extra=("--policy", policy))
     try:
-        yield Gate()
+        g.start()
+        yield g
     finally:
-        stop_pid(proc.pid)
-        proc.wait(10)
-        log.close()
+        g.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def refused(r: subprocess.CompletedProcess, rule: str) -> None:
@@ -149,7 +123,7 @@ def test_lowercase_binds_reach_dockerd_and_are_refused(dockerd, gate):
         assert dockerd.inspect(cid, "{{json .HostConfig.Binds}}") == '["/:/h"]'      # dockerd honours it
     finally:
         rm(dockerd, cid)
-    status, js = api(gate.path, "POST", "/v1.41/containers/create", body)
+    status, js = api(gate.sock, "POST", "/v1.41/containers/create", body)
     assert status == 403 and js["message"].startswith("isobox gate: mounts.deny"), js
 
 
@@ -162,7 +136,7 @@ def test_duplicate_key_body_reaches_dockerd_and_is_refused(dockerd, gate):
         assert dockerd.inspect(cid, "{{.HostConfig.PidMode}}") == "host"
     finally:
         rm(dockerd, cid)
-    status, js = api(gate.path, "POST", "/v1.41/containers/create", body)
+    status, js = api(gate.sock, "POST", "/v1.41/containers/create", body)
     assert status == 403 and js["message"].startswith("isobox gate: namespaces.pid"), js
 
 
@@ -173,7 +147,7 @@ def test_top_level_host_config_reaches_dockerd_and_is_refused(dockerd, gate):
         assert dockerd.inspect(cid, "{{json .HostConfig.Binds}}") == '["/:/h"]'
     finally:
         rm(dockerd, cid)
-    status, js = api(gate.path, "POST", "/v1.41/containers/create", body)
+    status, js = api(gate.sock, "POST", "/v1.41/containers/create", body)
     assert status == 403 and js["message"].startswith("isobox gate: mounts.deny"), js
 
 
@@ -181,7 +155,7 @@ def test_old_api_start_body_is_refused(dockerd, gate):
     name = unique("gate-oldstart")
     gate("create", "--name", name, IMAGE, "true", check=True)
     try:
-        status, js = api(gate.path, "POST", f"/v1.23/containers/{name}/start",
+        status, js = api(gate.sock, "POST", f"/v1.23/containers/{name}/start",
                          json.dumps({"Binds": ["/:/h"]}).encode())
         assert status == 403 and js["message"].startswith("isobox gate: start.hostconfig"), js
     finally:

@@ -14,15 +14,11 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
-import time
 
 import pytest
 
-from e2e.conftest import DOCKER, IMAGE, stop_pid, unique
-
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
+from e2e.conftest import IMAGE, Gate, unique
 PUBLIC = "/run/docker.sock"
 ALLOWED_API = ["GET /containers/json", "GET /_ping", "GET /version"]
 
@@ -66,52 +62,22 @@ def _client(tmp: str) -> str:
     return out
 
 
-class PolicyGate:
-    """`isobox gate --listen /run/docker.sock --engine <dockerd's> --policy <tmp policy>`."""
+class PolicyGate(Gate):
+    """`isobox gate --listen /run/docker.sock --engine <dockerd's> --policy <tmp policy>`, ready
+    once it has recorded itself for isobox-runc."""
 
     def __init__(self, dockerd, tmp: str, image_id: str):
-        self.dockerd = dockerd
-        self.tmp = tmp
-        self.log_path = os.path.join(tmp, "gate.log")
         self.policy = os.path.join(tmp, "policy.toml")
         api = ", ".join(f'"{a}"' for a in ALLOWED_API)
         with open(self.policy, "w") as f:
             f.write(f'[gate]\nsocket_images = [{{ image = "{image_id}", api = [{api}] }}]\n')
         os.chmod(self.policy, 0o644)
-        self.env = dict(dockerd.env, DOCKER_HOST=f"unix://{PUBLIC}")
-        self.proc: subprocess.Popen | None = None
+        super().__init__(dockerd, tmp, listen=PUBLIC, extra=("--policy", self.policy, "--mode", "660"))
 
-    def start(self) -> None:
+    def ready(self) -> bool:
         from isobox.policy import gatesock
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "isobox.cli.main", "gate", "--listen", PUBLIC, "--engine", self.dockerd.sock,
-                 "--policy", self.policy, "--mode", "660"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                env=dict(os.environ, PYTHONPATH=SRC))
-        state = gatesock.state_path(PUBLIC)
-        end = time.time() + 30
-        while time.time() < end:        # ready once it has recorded itself for isobox-runc
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"isobox gate exited {self.proc.returncode}:\n{self.log()}")
-            if os.path.exists(state) and os.path.exists(PUBLIC) and self("version").returncode == 0:
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"isobox gate did not answer:\n{self.log()}")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_pid(self.proc.pid, timeout=10)
-            self.proc.wait(10)
-            self.proc = None
-
-    def log(self) -> str:
-        with open(self.log_path) as f:
-            return f.read()
-
-    def __call__(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-        return subprocess.run([DOCKER, *args], capture_output=True, text=True, env=self.env, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+        return os.path.exists(gatesock.state_path(PUBLIC)) and os.path.exists(PUBLIC) and \
+            self("version").returncode == 0
 
 
 @pytest.fixture(scope="module")
