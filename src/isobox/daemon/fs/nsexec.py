@@ -247,22 +247,31 @@ def run_as(pid: int, kinds: tuple[str, ...], op: str, path: str, data: bytes = b
     namespaces of the given kinds plus its user namespace, with pid's credentials.
     Returns (result, payload) or raises OSError with the kernel's errno."""
     plan = _plan(pid, kinds)
+    try:
+        return fork_helper(lambda wfd: _child(plan, wfd, op, path, data), "sysctl helper")
+    finally:
+        _close_plan(plan)
+
+
+def fork_helper(child_fn, what: str) -> tuple[int, bytes]:
+    """Forks child_fn(wfd), which reports one _HDR (+ payload) on wfd and never returns;
+    (result, payload), or OSError with the errno it reported (EIO if it died silently)."""
     rfd, wfd = os.pipe()
     try:
         child = os.fork()
         if child == 0:
             os.close(rfd)
-            _child(plan, wfd, op, path, data)
+            child_fn(wfd)
+            os._exit(1)
         os.close(wfd)
         wfd = -1
         reply = _collect(rfd, child)
     finally:
-        _close_plan(plan)
         os.close(rfd)
         if wfd >= 0:
             os.close(wfd)
     if len(reply) < _HDR.size:
-        raise OSError(errno.EIO, "sysctl helper died")
+        raise OSError(errno.EIO, f"{what} died")
     err, res = _HDR.unpack_from(reply)
     if err:
         raise OSError(err, os.strerror(err))

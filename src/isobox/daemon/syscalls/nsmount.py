@@ -22,7 +22,7 @@ initial user namespace. So, per new mount:
 The daemon is multithreaded and setns(CLONE_NEWNS/NEWUSER) needs a single-threaded task, so
 every step runs in forked children that only make syscalls and leave with os._exit; the
 result (an errno, and a little payload) comes back over a pipe; the daemon reaps by PID with
-a deadline (nsexec._collect). Nothing outlives the helpers but the mount they attached.
+a deadline (nsexec.fork_helper). Nothing outlives the helpers but the mount they attached.
 """
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ import struct
 from dataclasses import dataclass
 
 from isobox.daemon import paths
-from isobox.daemon.fs.nsexec import _HDR, _collect, host_to_ns, read_creds
+from isobox.daemon.fs.nsexec import _HDR, fork_helper, host_to_ns, read_creds
 from isobox.linux import syscalls as sc
 from isobox.spec.rewrite import DEFAULT_MASKED, DEFAULT_READONLY
 
@@ -99,25 +99,7 @@ def _close(fds: dict[str, int]) -> None:
 
 def _run(child_fn) -> tuple[int, bytes]:
     """Fork child_fn(wfd) (it must report and os._exit); (result, payload) or OSError(errno)."""
-    rfd, wfd = os.pipe2(os.O_CLOEXEC)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            os.close(rfd)
-            _guard(child_fn, wfd)
-        os.close(wfd)
-        wfd = -1
-        reply = _collect(rfd, pid)
-    finally:
-        os.close(rfd)
-        if wfd >= 0:
-            os.close(wfd)
-    if len(reply) < _HDR.size:
-        raise OSError(errno.EIO, "mount helper died")
-    err, res = _HDR.unpack_from(reply)
-    if err:
-        raise OSError(err, os.strerror(err))
-    return res, reply[_HDR.size:]
+    return fork_helper(lambda wfd: _guard(child_fn, wfd), "mount helper")
 
 
 def _guard(fn, wfd: int, *args) -> None:
