@@ -246,6 +246,11 @@ def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> bytes | None
     return None
 
 
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """The Connection header's options, lower case (h11 gives header names lower case)."""
+    return [t.strip() for k, v in headers if k == b"connection" for t in v.lower().split(b",")]
+
+
 def _reason(status: int) -> bytes:
     try:
         return HTTPStatus(status).phrase.encode()
@@ -485,8 +490,7 @@ class Connection:
         """h11 still holds the body we consumed ourselves and has no call to drop it: continue
         with a fresh parser primed with an equivalent bodiless request (same method, version and
         keep-alive, so the response is framed the same), then the bytes that followed the body."""
-        tokens = [t.strip() for k, v in ev.headers if k == b"connection"
-                  for t in v.lower().split(b",") if t.strip() in (b"close", b"keep-alive")]
+        tokens = [t for t in _connection_tokens(ev.headers) if t in (b"close", b"keep-alive")]
         head = ev.method + b" / HTTP/1.1\r\nHost: gate\r\n"
         if tokens:
             head += b"Connection: " + b", ".join(tokens) + b"\r\n"
@@ -577,7 +581,7 @@ class Connection:
             if not data:
                 raise Gone("engine closed inside a chunked body")
         self.down.send(h11.EndOfMessage())        # the terminator went verbatim: only the state moves
-        close = any(t.strip() == b"close" for k, v in ev.headers if k == b"connection" for t in v.lower().split(b","))
+        close = b"close" in _connection_tokens(ev.headers)
         if data[end:] or close or ev.http_version != b"1.1":
             self._close_upstream()                # (dockerd never sends more than it was asked)
         else:

@@ -147,7 +147,7 @@ class Notifier:
     busy, one that makes more than twice the calls of any other (a loop of sysinfo, say) is
     paced: after each of its calls its listener is disarmed for PACE, so its caller waits in
     the kernel instead of taking the CPUs the other containers' processes need (it still gets
-    some thousands of calls a second). Audit events of inline calls are
+    about a thousand calls a second). Audit events of inline calls are
     handed to on_verdict at once (a buffer) and on_idle() is called when no listener is
     ready, so writing the log never stands between two callers."""
 
