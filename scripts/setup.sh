@@ -34,10 +34,11 @@ import sys
 sys.path[:0] = ["$here/src", "$site"]
 from isobox.runc.warm_client import forward
 code = forward(sys.argv[1:])
-if code is None:
-    from isobox.runc.main import main
-    code = main()
-sys.exit(code)
+if code is not None:
+    import posix
+    posix._exit(code)      # the worker wrote the output: nothing here to flush or tear down
+from isobox.runc.main import main
+sys.exit(main())
 EOS
   fi
   chmod 755 "/usr/local/bin/$cmd.tmp"

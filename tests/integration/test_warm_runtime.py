@@ -8,10 +8,12 @@ import os
 import pwd
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
+from conftest import ids_held, leftovers
 from isobox.daemon import client, paths
 
 WRAPPER = "/usr/local/bin/isobox-runc"
@@ -69,11 +71,117 @@ def test_state_kill_delete_are_served_warm_with_the_callers_output(warm, runtime
     assert r.stderr == local.stderr == "isobox-runc: container does not exist\n"
 
 
-def test_create_run_exec_stay_in_the_callers_process(warm, runtime, busybox_rootfs, tmp_path):
+def test_run_stays_in_the_callers_process(warm, runtime, busybox_rootfs, tmp_path):
     b = runtime.bundle(busybox_rootfs, ["true"])
     cid = runtime.new_id()
     r, warm_ = served_warm(runtime, tmp_path, "run", "--bundle", b, cid)
     assert r.returncode == 0 and not warm_, r.stderr
+
+
+# A shim's part in a warm create, as a script: it becomes a child subreaper (as
+# containerd-shim and conmon are), creates through the wrapper with the shim's flags and
+# stdio that is not a pipe to pytest (the init keeps it), then reports the init's parent.
+SHIM = r"""
+import ctypes, json, os, subprocess, sys
+ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
+wrapper, root, bundle, cid, log, out, fd3 = sys.argv[1:8]
+if fd3 != "-":
+    os.dup2(int(fd3), 3)                                          # the engine's preserved fd
+with open(out, "wb") as f:
+    r = subprocess.run([wrapper, "--root", root, "--debug", "--log", log, "--log-format", "json", "create",
+                        "--bundle", bundle, "--pid-file", bundle + "/init.pid", *sys.argv[8:], cid],
+                       stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd=bundle, pass_fds=(3,) if fd3 != "-" else ())
+if fd3 != "-":
+    os.close(3)
+    os.close(int(fd3))
+pid = int(open(bundle + "/init.pid").read()) if r.returncode == 0 else 0
+ppid = 0
+if pid:
+    with open(f"/proc/{pid}/stat") as f:
+        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+print(json.dumps({"code": r.returncode, "pid": pid, "ppid": ppid, "me": os.getpid()}), flush=True)
+subprocess.run([wrapper, "--root", root, "start", cid], check=r.returncode == 0)
+if pid:
+    os.waitpid(pid, 0)                                            # the subreaper reaps its init
+"""
+
+
+def shim_create(runtime, bundle: str, cid: str, *flags: str, fd3: int = -1) -> tuple[dict, str]:
+    """(report, the debug log): a create as a shim makes it, then start, then the init reaped.
+    fd3: a descriptor of the test's, handed to the create as the shim's fd 3 (--preserve-fds)."""
+    log, out = os.path.join(bundle, "log.json"), os.path.join(bundle, "create.out")
+    r = subprocess.run([sys.executable, "-c", SHIM, WRAPPER, runtime.root, bundle, cid, log, out,
+                        str(fd3) if fd3 >= 0 else "-", *flags],
+                       capture_output=True, text=True, timeout=60, pass_fds=(fd3,) if fd3 >= 0 else ())
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout.splitlines()[0])
+    report["out"] = open(out).read()
+    return report, open(log).read() if os.path.exists(log) else ""
+
+
+def test_create_is_served_warm_and_its_init_is_the_callers_child(warm, runtime, busybox_rootfs):
+    """The worker does the work; the init is cloned by the engine's own client, so the
+    engine's subreaper (the shim) is the one that reaps it."""
+    b = runtime.bundle(busybox_rootfs, ["sh", "-c", "echo warm-init-$$"])
+    cid = runtime.new_id()
+    report, log = shim_create(runtime, b, cid)
+    assert report["code"] == 0, report["out"]
+    assert "served by isoboxd's warm worker" in log
+    # the client exited after create: its child, the init, went to the shim
+    assert report["ppid"] == report["me"]
+    assert "warm-init-1" in open(os.path.join(b, "create.out")).read()
+
+
+def test_warm_create_failures_match_the_local_ones_and_leave_nothing(warm, runtime, busybox_rootfs, tmp_path):
+    for args in (["no-such-program"], ["sh"]):
+        edit = None if args != ["sh"] else (lambda spec: spec["process"].update(cwd="/no/such/dir"))
+        b = runtime.bundle(busybox_rootfs, args, edit=edit)
+        results = []
+        for env in (None, {**os.environ, "ISOBOX_WARM": "0"}):
+            cid = runtime.new_id()
+            log = tmp_path / f"log-{cid}"
+            with open(tmp_path / f"err-{cid}", "w+") as err:
+                r = subprocess.run([WRAPPER, "--root", runtime.root, "--debug", "--log", str(log), "create",
+                                    "--bundle", b, cid], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=err, env=env, timeout=60)
+                err.seek(0)
+                results.append((r.returncode, err.read()))
+            assert ("served by isoboxd's warm worker" in log.read_text()) == (env is None)
+            assert not os.path.exists(os.path.join(runtime.root, cid))
+            assert leftovers(cid) == [] and ids_held(runtime.root) == []
+        assert results[0] == results[1] and results[0][0] == 1, results
+        assert results[0][1].count("\n") == 1 and results[0][1].startswith("isobox-runc: "), results
+
+
+def test_warm_create_with_console_socket_preserved_fds_and_hooks(warm, runtime, busybox_rootfs, tmp_path):
+    from test_exec_tty import ConsoleServer, read_until
+    mark = tmp_path / "prestart-ran"
+
+    def edit(spec):
+        spec["process"]["terminal"] = True
+        spec["hooks"] = {"prestart": [{"path": "/bin/sh", "args": ["sh", "-c", f"cat > {mark}"]}]}
+
+    b = runtime.bundle(busybox_rootfs, ["sh", "-c", "tty; echo via-fd3 >&3; echo warm-$((40+2)); sleep 1"], edit=edit)
+    cid = runtime.new_id()
+    server = ConsoleServer(str(tmp_path / "console.sock"))
+    r3, w3 = os.pipe()
+    try:
+        report, log = shim_create(runtime, b, cid, "--console-socket", server.path, "--preserve-fds", "1", fd3=w3)
+        os.close(w3)
+        w3 = -1
+        assert report["code"] == 0 and "served by isoboxd's warm worker" in log, report["out"]
+        master = server.master()
+        try:
+            out = read_until(master, b"warm-42")
+            assert b"/dev/pts/" in out and b"warm-42" in out
+        finally:
+            os.close(master)
+        assert os.read(r3, 100) == b"via-fd3\n"
+        assert json.loads(mark.read_text())["id"] == cid          # the hook got the state on stdin
+    finally:
+        os.close(r3)
+        if w3 >= 0:
+            os.close(w3)
 
 
 def test_stdin_cwd_and_environment_reach_the_worker(warm, runtime, busybox_rootfs, tmp_path):
@@ -137,3 +245,54 @@ def test_a_killed_worker_is_replaced_and_calls_keep_working(warm, runtime, busyb
     time.sleep(0.2)
     left = subprocess.run(["pgrep", "-P", str(warm_pid)], capture_output=True, text=True).stdout.split()
     assert left == []
+
+
+def test_a_client_naming_a_process_it_did_not_fork_is_refused(warm, runtime, busybox_rootfs, tmp_path):
+    """The worker only drives an init its own client cloned. A (root) client that answers
+    the clone request with another process's pid, here the host's pid 1, gets one error line;
+    that process is not touched and nothing of the container is left."""
+    import socket
+    from isobox.runc import warm_client
+    b = runtime.bundle(busybox_rootfs, ["true"])
+    cid = runtime.new_id()
+    with open("/proc/1/uid_map") as f:
+        uid_map = f.read()
+    with open("/proc/1/cgroup") as f:
+        cgroups = f.read()
+    err_r, err_w = os.pipe()
+    null = os.open("/dev/null", os.O_RDWR)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    got, code = [], b""
+    try:
+        s.settimeout(30)
+        s.connect(paths.WARM_SOCKET)
+        request = warm_client.encode(["--root", runtime.root, "create", "--bundle", b, cid], os.getcwd(),
+                                     dict(os.environ), os.getppid())
+        socket.send_fds(s, [request], [null, null, err_w])
+        while True:
+            msg = s.recv(4096)
+            if not msg:
+                break
+            got.append(msg[:1])
+            if msg.startswith(warm_client.SPAWN):
+                socket.send_fds(s, [b"1"], [theirs.fileno()])
+            elif msg.startswith(b"R"):
+                code = msg
+                break
+    finally:
+        for fd in (null, err_w):
+            os.close(fd)
+        s.close()
+        ours.close()
+        theirs.close()
+    err = os.read(err_r, 4096).decode()
+    os.close(err_r)
+    assert got[:2] == [b"A", warm_client.SPAWN] and code == b"R1", (got, code)
+    assert err == "isobox-runc: the isobox-runc client named pid 1, which is not its child\n"
+    with open("/proc/1/uid_map") as f:
+        assert f.read() == uid_map
+    with open("/proc/1/cgroup") as f:
+        assert f.read() == cgroups
+    assert not os.path.exists(os.path.join(runtime.root, cid))
+    assert leftovers(cid) == [] and ids_held(runtime.root) == []

@@ -46,7 +46,7 @@ def running() -> bool:
 
 def warm_worker_answers() -> bool:
     """The warm worker (daemon/warm.py) accepts calls on its socket."""
-    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET)
     try:
         s.settimeout(2.0)
         s.connect(paths.WARM_SOCKET)

@@ -8,6 +8,7 @@ directory) and every peer must be uid 0: the worker acts as root, like the runti
 engines call."""
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -19,10 +20,15 @@ from isobox.daemon import paths
 # what the runtime imports for the warm commands, loaded once here instead of per call
 PRELOAD = ("isobox.runc.main", "isobox.runc.args", "isobox.runc.log", "isobox.runc.manage_cmd",
            "isobox.lifecycle.control", "isobox.lifecycle.state", "isobox.lifecycle.hooks",
-           "isobox.cgroups.manager", "isobox.cgroups.layout", "isobox.ids.allocator", "isobox.daemon.client")
-WARM = frozenset({"start", "state", "kill", "delete", "list", "ps", "pause", "resume", "update", "features"})
+           "isobox.cgroups.manager", "isobox.cgroups.layout", "isobox.ids.allocator", "isobox.daemon.client",
+           "isobox.lifecycle.create", "isobox.init.launch", "isobox.init.handover", "isobox.init.builder",
+           "isobox.init.console", "isobox.spec.rewrite", "isobox.spec.config", "isobox.seccomp",
+           "isobox.seccomp.bpfcache", "isobox.policy.model", "isobox.cgroups.primer", "_sha256")
+WARM = frozenset({"create", "start", "state", "kill", "delete", "list", "ps", "pause", "resume", "update",
+                  "features"})
 MAX_REQUEST = 1 << 20
 SPARES = 2                  # children waiting for a call
+MAX_FDS = 64                # the caller's fds 0-2 and the ones it preserves for a create
 LOCAL = b"L"                # "run it yourself" (warm_client.LOCAL)
 
 
@@ -52,29 +58,42 @@ def command(argv: list[str]) -> str | None:
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
-    data, fds = b"", []
-    while True:
-        msg, anc, _flags, _addr = conn.recvmsg(65536, socket.CMSG_SPACE(3 * 4))
-        for level, kind, payload in anc:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                fds += [int.from_bytes(payload[i:i + 4], "little") for i in range(0, len(payload) - 3, 4)]
-        if not msg:
-            return data, fds
-        data += msg
-        if len(data) > MAX_REQUEST:
-            raise ValueError("request too large")
+    """The request: one SEQPACKET message (the socket keeps the boundaries, so a create can
+    go on talking over the same connection; see init/handover.py)."""
+    fds = []
+    msg, anc, flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(MAX_FDS * 4))
+    for level, kind, payload in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += [int.from_bytes(payload[i:i + 4], "little") for i in range(0, len(payload) - 3, 4)]
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        for fd in fds:
+            os.close(fd)
+        raise ValueError("request truncated")
+    return msg, fds
 
 
 def _run_child(conn: socket.socket, fds: list[int], argv: list[str], cwd: str, env: dict[str, str],
-               ppid: int) -> None:
-    """In the forked child: become the caller's isobox-runc process, run main(), answer."""
+               ppid: int, create_for: int) -> None:
+    """In the forked child: become the caller's isobox-runc process, run main(), answer.
+    create_for: the client's pid when this is a create (its client clones the init)."""
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # hooks and helpers are waited for
-        conn.sendall(b"A")
-        for target, fd in enumerate(fds):
+        # the caller's fds land on 0, 1, 2 (and 3... when a create preserves some): first move
+        # them and the connection above that range, so no dup2 closes one still to be placed
+        high = MAX_FDS + 16
+        moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in [conn.fileno(), *fds]]
+        for fd in fds:
+            os.close(fd)
+        conn.close()
+        conn = socket.socket(fileno=moved[0])
+        for target, fd in enumerate(moved[1:]):
             os.dup2(fd, target)
             os.close(fd)
+        conn.send(b"A")
+        if create_for:
+            from isobox.init import handover
+            handover.REMOTE = handover.Remote(conn, create_for)
         os.environ.clear()
         os.environ.update(env)
         os.environ["ISOBOX_CALLER_PPID"] = str(ppid)
@@ -94,7 +113,7 @@ def _run_child(conn: socket.socket, fds: list[int], argv: list[str], cwd: str, e
         except Exception:  # noqa: BLE001
             pass
         try:
-            conn.sendall(b"R%d" % code)
+            conn.send(b"R%d" % code)
         except OSError:
             pass
         os._exit(0)
@@ -116,12 +135,13 @@ def _take_one(listener: socket.socket, taken: int, k) -> None:
     os.close(taken)
     fds: list[int] = []
     try:
-        uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1]
+        peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
         data, fds = _receive(conn)
         argv, cwd, env, ppid = decode(data)
-        if uid == 0 and len(fds) == 3 and command(argv) in WARM:
-            _run_child(conn, fds, argv, cwd, env, ppid)      # does not return
-        conn.sendall(LOCAL)
+        cmd = command(argv)
+        if uid == 0 and len(fds) >= 3 and cmd in WARM:
+            _run_child(conn, fds, argv, cwd, env, ppid, peer if cmd == "create" else 0)   # does not return
+        conn.send(LOCAL)
     except (OSError, ValueError):
         pass                         # no "A" written: the client runs the call itself
     os._exit(0)
@@ -174,7 +194,7 @@ def main() -> None:
     tmp = f"{paths.WARM_SOCKET}.{os.getpid()}"
     old = os.umask(0o077)
     try:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         listener.bind(tmp)
     finally:
         os.umask(old)

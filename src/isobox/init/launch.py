@@ -37,21 +37,25 @@ def _open_ns(path: str) -> int:
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
 
 
-def _join_fds(plan: Plan) -> list[tuple[int, int]]:
-    """(fd, flag) for each namespace to join, user namespace first."""
+def _join_paths(plan: Plan) -> list[tuple[str, int]]:
+    """(path, flag) for each namespace to join, user namespace first."""
     out = []
     if plan.join_user:
-        out.append((_open_ns(plan.join_user), k.CLONE_NEWUSER))
+        out.append((plan.join_user, k.CLONE_NEWUSER))
     flags = dict((n, f) for n, f in _NS_ORDER)
     for t, path in plan.join_namespaces.items():
-        out.append((_open_ns(path), flags[_SPEC_TO_PROC[t]]))
+        out.append((path, flags[_SPEC_TO_PROC[t]]))
     return out
 
 
+def _clone_flags(plan: Plan) -> int:
+    return plan.new_namespaces & ~(k.CLONE_NEWCGROUP | k.CLONE_NEWNS)
+
+
 def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p, console_sock, preserve_fds: int) -> int:
-    clone_flags = plan.new_namespaces & ~(k.CLONE_NEWCGROUP | k.CLONE_NEWNS)
+    clone_flags = _clone_flags(plan)
     new_cgroupns = bool(plan.new_namespaces & k.CLONE_NEWCGROUP)
-    joins = _join_fds(plan)
+    joins = [(_open_ns(path), flag) for path, flag in _join_paths(plan)]
     if not plan.join_user:
         # namespaces of the host's user namespace (a CNI netns, say) are joined by P itself,
         # which still holds the host capabilities setns needs
@@ -107,10 +111,18 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list, console_sock=None, p
     cgroups (v1 cgroup.procs writes cost about 1 ms per hierarchy); it waits for H1's cgroup
     namespace only when it reaches the cgroup mounts.
     """
-    sock_p, sock_h = channel.pair()
-    pid = _spawn_init(plan, sock_h, fifo_fd, sock_p, console_sock, preserve_fds)
-    sock_h.close()
-    cleanup.append(lambda: _kill_and_reap(pid))
+    from isobox.init import handover
+    if handover.REMOTE is not None:
+        # served by isoboxd's worker: the engine's client clones H1 (init/handover.py)
+        pid, sock_p = handover.REMOTE.spawn(_clone_flags(plan), _join_paths(plan))
+        cleanup.append(lambda: _kill_and_reap(pid))
+        handover.Remote.hand_over(sock_p, plan, fifo_fd, console_sock,
+                                  bool(plan.new_namespaces & k.CLONE_NEWCGROUP), preserve_fds)
+    else:
+        sock_p, sock_h = channel.pair()
+        pid = _spawn_init(plan, sock_h, fifo_fd, sock_p, console_sock, preserve_fds)
+        sock_h.close()
+        cleanup.append(lambda: _kill_and_reap(pid))
     if not plan.join_user:
         _write_maps(pid, plan)
 
@@ -219,4 +231,4 @@ def _kill_and_reap(pid: int) -> None:
     try:
         os.waitpid(pid, 0)
     except ChildProcessError:
-        pass
+        pass                    # cloned by the warm client: its own child, reaped there

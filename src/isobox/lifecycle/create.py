@@ -84,8 +84,10 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
         from isobox.cgroups.layout import detect
         from isobox.cgroups.manager import CgroupError, ContainerCgroup
         from isobox.ids.allocator import Holder
+        from isobox.init import handover
         from isobox.init.launch import launch
 
+        primer = None
         holder = Holder(store.root, key(cid))
         alloc, base = _ids(plan, holder)
         cleanup.append(lambda: alloc.release(holder))
@@ -97,6 +99,14 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
         try:
             cleanup.append(cg.destroy)
             cg.create(plan.resources, (plan.uid_base, plan.gid_base))
+            if handover.REMOTE is not None:
+                # after the mkdirs (the primer's first write holds cgroup_mutex while it waits);
+                # only in isoboxd's worker: the local path clones its init with a raw clone(2),
+                # which must not race another thread of the interpreter
+                from isobox.cgroups import primer as cgprimer
+                primer = cgprimer.start(cg.layout)
+                if primer is not None:
+                    cleanup.append(primer.stop)
         except CgroupError as e:
             raise IsoboxError(str(e)) from None
         _register(store.root, plan, cg, cleanup)
@@ -112,6 +122,8 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
             os.close(fifo_fd)
             if console_sock is not None:
                 console_sock.close()
+            if primer is not None:
+                primer.stop()
         if plan.hooks:
             # the init exists and waits at the start barrier: prestart and createRuntime in the
             # runtime's namespaces, then createContainer in the container's; a failure undoes

@@ -84,6 +84,25 @@ class Seccomp:
     def socket_path(self) -> str:
         return self.trap_socket or self.listener_path
 
+    _WIRE = ("cid", "bundle", "annotations", "trap_socket", "key", "listener_path", "listener_metadata")
+
+    def to_wire(self) -> dict:
+        """What a container init needs to load the filter, as plain values (init/handover.py)."""
+        c = self.compiled
+        out = {name: getattr(self, name) for name in self._WIRE}
+        out.update(bpf=c.bpf, flags=c.flags(), notify=c.uses_notify)
+        return out
+
+    @classmethod
+    def from_wire(cls, d: dict) -> "Seccomp":
+        from isobox.seccomp.bpfcache import Shipped
+        self = cls.__new__(cls)
+        self.compiled = Shipped(d["bpf"], d["flags"], d["notify"])
+        for name in cls._WIRE:
+            setattr(self, name, d[name])
+        self.notes = []
+        return self
+
 
 def check(spec_seccomp: dict | None, trap_socket: str = "") -> Profile | None:
     """Pure validation and trap merge, no libseccomp: the Profile to compile, or None."""

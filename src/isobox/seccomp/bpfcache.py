@@ -57,12 +57,34 @@ class Program:
 
     def load(self) -> int:
         """Installs the program on the calling thread; the listener fd, or -1 without one."""
-        from isobox.linux.syscalls import seccomp_set_mode_filter
-        try:
-            fd = seccomp_set_mode_filter(self.bpf, self.flags())
-        except OSError as e:
-            raise IsoboxError(f"seccomp: cannot install the filter: {e.strerror}") from None
-        return fd if self.uses_notify else -1
+        return _load(self.bpf, self.flags(), self.uses_notify)
+
+
+class Shipped:
+    """A Program as a container init receives it from isoboxd's worker (init/handover.py):
+    the instructions, the load flags and whether a listener comes back; no Profile."""
+
+    def __init__(self, bpf: bytes, flags: int, uses_notify: bool):
+        if not bpf or len(bpf) % 8:
+            raise IsoboxError("seccomp: a compiled program has a bad length")
+        self.bpf = bpf
+        self._flags = flags
+        self.uses_notify = uses_notify
+
+    def flags(self) -> int:
+        return self._flags
+
+    def load(self) -> int:
+        return _load(self.bpf, self._flags, self.uses_notify)
+
+
+def _load(bpf: bytes, flags: int, uses_notify: bool) -> int:
+    from isobox.linux.syscalls import seccomp_set_mode_filter
+    try:
+        fd = seccomp_set_mode_filter(bpf, flags)
+    except OSError as e:
+        raise IsoboxError(f"seccomp: cannot install the filter: {e.strerror}") from None
+    return fd if uses_notify else -1
 
 
 def key(prof: P.Profile) -> str:

@@ -1,0 +1,174 @@
+"""create through isoboxd's warm worker: the init is cloned by the engine's own client.
+
+The container's init (H1) must descend from the process the engine started (its shim reaps
+it), but everything else a create does (spec rewrite, IDs, cgroups, registration, the
+builder, hooks) can run in the worker, which has every module imported. So the three
+processes split launch.py's first step between them:
+
+    worker (Remote.spawn)      -> client: "C" + marshal({"flags", "joins"})
+    client (spawn_here)        joins the namespaces, clones H1, answers its pid and the
+                               runtime's end of H1's socket pair (SCM_RIGHTS)
+    worker (Remote.hand_over)  -> H1: marshal of what container.run reads, with the start
+                               FIFO and the console socket as fds
+    H1 (init_main)             rebuilds that Plan and runs container.run, driven by the
+                               worker exactly as launch.py drives a locally cloned init.
+
+marshal, not json or pickle: it is built in (pickle's C module imports functools and
+collections, ~6 ms) and every value here is a plain int, str, bytes, list or dict. The peer
+is trusted either way: the worker serves root's clients only and both run isobox's code.
+"""
+from __future__ import annotations
+
+import _socket
+import marshal
+import os
+
+from isobox.errors import IsoboxError
+from isobox.init import channel
+
+REMOTE: "Remote | None" = None     # set by the warm worker for a create it serves
+MAX_PLAN = 1 << 20                 # SEQPACKET: a message arrives whole or not at all
+SPAWN = b"C"
+SPAWN_FAILED = b"E"
+
+
+# --- the worker's side ------------------------------------------------------------------
+class Remote:
+    """The worker's end of one warm create: conn is its connection to the client."""
+
+    def __init__(self, conn, client_pid: int):
+        self.conn = conn
+        self.client_pid = client_pid
+
+    def spawn(self, flags: int, joins: list[tuple[str, int]]) -> tuple[int, _socket.socket]:
+        """H1's host pid and the runtime's end of its socket pair, from the client."""
+        self.conn.send(SPAWN + marshal.dumps({"flags": flags, "joins": joins}))
+        data, anc, _, _ = self.conn.recvmsg(4096, _socket.CMSG_LEN(4))
+        fds = [fd for level, kind, payload in anc
+               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+               for fd in channel.unpack_fds(payload)]
+        if not data.isdigit() or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            why = data[1:].decode(errors="replace") if data.startswith(SPAWN_FAILED) else ""
+            raise IsoboxError(why or "the isobox-runc client did not start the container's init")
+        pid = int(data)
+        sock = _socket.socket(fileno=fds[0])
+        if _ppid(pid) != self.client_pid:
+            # only ever drive a process the calling client really forked
+            sock.close()
+            raise IsoboxError(f"the isobox-runc client named pid {pid}, which is not its child")
+        return pid, sock
+
+    @staticmethod
+    def hand_over(sock: _socket.socket, plan, fifo_fd: int, console_sock, new_cgroupns: bool,
+                  preserve_fds: int) -> None:
+        fds = [fifo_fd] + ([console_sock.fileno()] if console_sock is not None else [])
+        data = encode(plan, new_cgroupns, preserve_fds)
+        if len(data) > MAX_PLAN:
+            raise IsoboxError("the container's process settings are too large to hand over (over 1 MiB)")
+        sock.sendmsg([data], channel.rights(fds))
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def encode(plan, new_cgroupns: bool, preserve_fds: int) -> bytes:
+    """What container.run reads of the Plan (process, seccomp, startContainer hooks, ids)."""
+    p = plan.process
+    proc = {name: getattr(p, name) for name in p._FIELDS if name != "rlimits"}
+    proc["rlimits"] = [(r.resource, r.soft, r.hard) for r in p.rlimits]
+    return marshal.dumps({
+        "id": plan.id, "bundle": plan.bundle, "annotations": plan.annotations, "hooks": plan.hooks,
+        "process": proc, "seccomp": plan.seccomp.to_wire() if plan.seccomp is not None else None,
+        "new_cgroupns": new_cgroupns, "preserve_fds": preserve_fds})
+
+
+def decode(data: bytes):
+    """(Plan, new_cgroupns, preserve_fds) from encode(): a Plan holding only what the init uses."""
+    from isobox.spec.plan import Plan, Process, Rlimit
+    d = marshal.loads(data)
+    proc = d["process"]
+    proc["rlimits"] = [Rlimit(*r) for r in proc["rlimits"]]
+    sec = None
+    if d["seccomp"] is not None:
+        from isobox.seccomp import Seccomp
+        sec = Seccomp.from_wire(d["seccomp"])
+    plan = Plan(id=d["id"], bundle=d["bundle"], rootfs="", readonly_root=False, new_namespaces=0,
+                join_namespaces={}, join_user="", shares_userns_of="", uid_base=0, gid_base=0, id_size=0,
+                explicit_mapping=False, mounts=[], masked_paths=[], readonly_paths=[], devices=[],
+                hostname="", domainname="", sysctl={}, cgroups_path="", resources={},
+                process=Process(**proc), annotations=d["annotations"], hooks=d["hooks"], seccomp=sec)
+    return plan, d["new_cgroupns"], d["preserve_fds"]
+
+
+# --- the client's side ------------------------------------------------------------------
+def preload() -> None:
+    """What the clone's child runs, imported while the worker prepares (the child inherits it)."""
+    import resource  # noqa: F401
+    import _signal  # noqa: F401
+    from isobox.init import container  # noqa: F401
+    from isobox.linux import capabilities  # noqa: F401
+    from isobox.seccomp import bpfcache  # noqa: F401
+    from isobox.spec import plan  # noqa: F401
+
+
+def spawn_here(conn: _socket.socket, request: bytes) -> None:
+    """The client's answer to a SPAWN request: clone H1 (which never returns here) and send
+    the worker its pid and the runtime's end of the socket pair."""
+    from isobox.linux import syscalls as k
+    sock_p = sock_h = None
+    try:
+        req = marshal.loads(request)
+        sock_p, sock_h = channel.pair()
+        for path, flag in req["joins"]:
+            # the client needs no host capability after this (it only answers and exits), so it
+            # joins the namespaces itself, a shared container's user namespace first
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                k.setns(fd, flag)
+            finally:
+                os.close(fd)
+        pid = k.clone(req["flags"])
+    except (OSError, ValueError, KeyError, EOFError, TypeError) as e:
+        for s in (sock_p, sock_h):
+            if s is not None:
+                s.close()
+        conn.send(SPAWN_FAILED + f"cannot start the container's init: {channel.error_line(e)}".encode())
+        return
+    if pid == 0:
+        conn.close()
+        sock_p.close()
+        init_main(sock_h)
+    sock_h.close()
+    try:
+        conn.sendmsg([str(pid).encode()], channel.rights([sock_p.fileno()]))
+    finally:
+        sock_p.close()
+
+
+# --- H1's side ------------------------------------------------------------------------
+def init_main(sock: _socket.socket) -> None:
+    """Never returns: receives the settings, then is the container's init (container.run)."""
+    from isobox.init import container
+    try:
+        data, anc, _, _ = sock.recvmsg(MAX_PLAN, _socket.CMSG_LEN(2 * 4))
+        fds = [fd for level, kind, payload in anc
+               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
+               for fd in channel.unpack_fds(payload)]
+        if not data or not fds:
+            os._exit(1)            # the worker gave up before handing over; it undoes the rest
+        plan, new_cgroupns, preserve_fds = decode(data)
+        console_sock = _socket.socket(fileno=fds[1]) if len(fds) > 1 else None
+    except BaseException as e:  # noqa: BLE001 - the worker waits for a line, not a traceback
+        try:
+            channel.send(sock, "err:" + channel.error_line(e))
+        finally:
+            os._exit(1)
+    container.run(plan, sock, fds[0], new_cgroupns, console_sock, preserve_fds)
