@@ -231,6 +231,25 @@ def test_rm_force_running_frees_everything(dockerd):
     assert all(b != base for h, b in ids_held(root))
 
 
+def test_cp_into_and_out_of_existing_directories_of_a_running_container(dockerd, tmp_path):
+    """isobox's overlay shares dockerd's upper directory; dockerd's own overlay (where `docker
+    cp` writes) must still copy up directories, before and after the container wrote in them."""
+    src = tmp_path / "in.txt"
+    src.write_text("from-the-host\n")
+    with running(dockerd) as c:
+        dockerd("cp", str(src), f"{c}:/tmp/", check=True)
+        dockerd("cp", str(src), f"{c}:/root/in.txt", check=True)
+        dockerd("cp", str(src), f"{c}:/etc/in.txt", check=True)      # /etc holds Docker's binds
+        assert ex(dockerd, c, "cat", "/tmp/in.txt", "/root/in.txt", "/etc/in.txt") == "from-the-host\n" * 3
+        ex(dockerd, c, "sh", "-c", "mkdir -p /var/made && echo from-inside > /var/made/f")
+        dockerd("cp", str(src), f"{c}:/var/made/", check=True)
+        assert ex(dockerd, c, "ls", "/var/made").split() == ["f", "in.txt"]
+        dockerd("cp", f"{c}:/var/made/f", str(tmp_path / "out.txt"), check=True)
+        assert (tmp_path / "out.txt").read_text() == "from-inside\n"
+        # what the host wrote is the container root's inside
+        assert ex(dockerd, c, "stat", "-c", "%u:%g", "/tmp/in.txt").strip() == "0:0"
+
+
 def test_pause_unpause(dockerd):
     with running(dockerd) as c:
         pid = host_pid(dockerd, c)

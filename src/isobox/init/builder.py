@@ -29,7 +29,8 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
         k.sethostname(plan.hostname)
     if plan.domainname:
         k.setdomainname(plan.domainname)
-    method = rootfs.prepare_rootfs(plan.rootfs, ns_fds["user"], plan.uid_base, plan.gid_base)
+    method = rootfs.prepare_rootfs(plan.rootfs, ns_fds["user"], plan.uid_base, plan.gid_base,
+                                   _bind_parents(plan))
     rootfd = os.open(plan.rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     has_devpts = False
     # Missing mount targets are created in the idmapped rootfs, where host uid 0 has no
@@ -61,6 +62,16 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
     k.setns(ns_fds["user"], k.CLONE_NEWUSER)
     k.unshare(k.CLONE_NEWNS)
     return method
+
+
+def _bind_parents(plan: Plan) -> list[str]:
+    """The directories that hold the spec's bind mounts (each mount pins its parents)."""
+    out = []
+    for m in plan.mounts:
+        parent = os.path.dirname(os.path.normpath("/" + m.destination))
+        if m.options.is_bind and parent != "/" and parent not in out:
+            out.append(parent)
+    return out
 
 
 def _sysctl(rootfd: int, values: dict[str, str]) -> None:

@@ -28,6 +28,12 @@ def unpack_fds(payload: bytes) -> list[int]:
     return [int.from_bytes(payload[i:i + 4], sys.byteorder, signed=True) for i in range(0, len(payload) - 3, 4)]
 
 
+def received_fds(ancdata) -> list[int]:
+    """The fds of recvmsg's SCM_RIGHTS ancillary data."""
+    return [fd for level, kind, payload in ancdata if level == _SOL_SOCKET and kind == _SCM_RIGHTS
+            for fd in unpack_fds(payload)]
+
+
 def rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
     """sendmsg's ancillary data passing fds (none for an empty list)."""
     return [(_SOL_SOCKET, _SCM_RIGHTS, pack_fds(fds))] if fds else []
@@ -39,11 +45,8 @@ def send(sock: _socket.socket, msg: str, fds: list[int] | None = None) -> None:
 
 def recv(sock: _socket.socket, what: str) -> tuple[str, list[int]]:
     """Next message; an "err:" message or a closed peer becomes an IsoboxError."""
-    fds: list[int] = []
     data, anc, _, _ = sock.recvmsg(4096, _socket.CMSG_LEN(4 * 4))
-    for level, kind, payload in anc:
-        if level == _SOL_SOCKET and kind == _SCM_RIGHTS:
-            fds += unpack_fds(payload)
+    fds = received_fds(anc)
     msg = data.decode(errors="replace")
     if not data:
         raise IsoboxError(f"{what} exited before finishing the container set-up")

@@ -44,9 +44,7 @@ class Remote:
         """H1's host pid and the runtime's end of its socket pair, from the client."""
         self.conn.send(SPAWN + marshal.dumps({"flags": flags, "joins": joins}))
         data, anc, _, _ = self.conn.recvmsg(4096, _socket.CMSG_LEN(4))
-        fds = [fd for level, kind, payload in anc
-               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
-               for fd in channel.unpack_fds(payload)]
+        fds = channel.received_fds(anc)
         if not data.isdigit() or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
@@ -159,9 +157,7 @@ def init_main(sock: _socket.socket) -> None:
     from isobox.init import container
     try:
         data, anc, _, _ = sock.recvmsg(MAX_PLAN, _socket.CMSG_LEN(2 * 4))
-        fds = [fd for level, kind, payload in anc
-               if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS
-               for fd in channel.unpack_fds(payload)]
+        fds = channel.received_fds(anc)
         if not data or not fds:
             os._exit(1)            # the worker gave up before handing over; it undoes the rest
         plan, new_cgroupns, preserve_fds = decode(data)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 from contextlib import contextmanager
 from isobox.plain import record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
 from isobox.linux import syscalls as k
+from isobox.mounts import resolve
 
 
 @record
@@ -127,11 +129,15 @@ def mount_overlay(src: OverlaySource, target: str, userns_fd: int, uid: int, gid
             held.append(fd)
             lower_paths.append(f"/proc/self/fd/{fd}")
         upper_fd = None
-        if src.upper and ("volatile" in src.other or "fsync=volatile" in src.other):
-            # The engine's volatile overlay (podman run --rm) left work/work/incompat/volatile, and
-            # the kernel refuses any other mount over that workdir (EINVAL): use a fresh one beside it
-            # (inside the layer dir, which the engine removes with the container).
-            work = os.path.join(os.path.dirname(src.work), "isobox-volatile-work")
+        if src.upper:
+            # A workdir of our own beside the engine's (inside the layer dir, which the engine
+            # removes with the container). Mounting an overlay empties and recreates its
+            # work/work: over the engine's workdir that unlinks the directory the engine's own
+            # overlay (still mounted on the host, where `docker cp` writes) stages every
+            # copy-up in, and its copy-ups then fail with ENOENT. Also, the engine's volatile
+            # overlay (podman run --rm) leaves work/work/incompat/volatile, over which the
+            # kernel refuses another mount (EINVAL).
+            work = os.path.join(os.path.dirname(src.work), "isobox-work")
             import shutil
             shutil.rmtree(work, ignore_errors=True)
             os.mkdir(work, 0o700)
@@ -185,11 +191,41 @@ def _overlay_as(uid: int, gid: int, lowers: list[str], upper_fd: int | None, top
             os.close(fs)
 
 
-def prepare_rootfs(rootfs: str, userns_fd: int, uid: int, gid: int) -> str:
+def copy_up(rootfs: str, dirs: list[str]) -> None:
+    """Copy the directories up in the engine's own overlay (a same-owner chown), before
+    isobox's overlay shares its upper directory.
+
+    Two overlays over one upper do not see each other's copy-ups of a directory the other one
+    has already looked up: its cached dentry says "lower only" for as long as it lives. The
+    directories holding the container's bind mounts (/etc for Docker's /etc/hosts...) are
+    pinned by those mounts, so a file `docker cp` later puts there (through the engine's
+    overlay, which copies the directory up then) would never show inside. Copied up first,
+    both overlays find the directory in the upper and look names up there."""
+    rootfd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for d in dirs:
+            fd = resolve.exists_in_root(rootfd, d)     # never out of the rootfs through a symlink
+            if fd is None:
+                continue
+            try:
+                st = os.fstat(fd)
+                if stat.S_ISDIR(st.st_mode):
+                    os.chown(resolve.fd_path(fd), st.st_uid, st.st_gid)
+            except OSError:
+                pass              # a read-only layer store, say: the container still starts
+            finally:
+                os.close(fd)
+    finally:
+        os.close(rootfd)
+
+
+def prepare_rootfs(rootfs: str, userns_fd: int, uid: int, gid: int, copy_up_dirs: list[str] = ()) -> str:
     """Mount the idmapped rootfs over rootfs; returns the method used (for the log)."""
     found = find_mount(rootfs)
     if found and found[0] == "overlay":
         src = parse_overlay(found[1])
+        if src.upper and copy_up_dirs:
+            copy_up(rootfs, copy_up_dirs)
         fd = mount_overlay(src, rootfs, userns_fd, uid, gid)
         method = f"overlay over {len(src.lowers)} idmapped layer(s)" + (" + idmapped upper" if src.upper else "")
     else:
