@@ -78,45 +78,54 @@ def test_run_stays_in_the_callers_process(warm, runtime, busybox_rootfs, tmp_pat
     assert r.returncode == 0 and not warm_, r.stderr
 
 
-# A shim's part in a warm create, as a script: it becomes a child subreaper (as
-# containerd-shim and conmon are), creates through the wrapper with the shim's flags and
-# stdio that is not a pipe to pytest (the init keeps it), then reports the init's parent.
+# A shim's part in a warm create or detached exec, as a script: it becomes a child
+# subreaper (as containerd-shim and conmon are), calls the wrapper with the shim's flags and
+# stdio that is not a pipe to pytest (the container's process keeps it), reports the
+# process's parent, starts a created container, and reaps the process.
 SHIM = r"""
 import ctypes, json, os, subprocess, sys
 ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)          # PR_SET_CHILD_SUBREAPER
-wrapper, root, bundle, cid, log, out, fd3 = sys.argv[1:8]
+wrapper, root, cwd, pid_file, log, out, fd3 = sys.argv[1:8]
+args = sys.argv[8:]
 if fd3 != "-":
     os.dup2(int(fd3), 3)                                          # the engine's preserved fd
 with open(out, "wb") as f:
-    r = subprocess.run([wrapper, "--root", root, "--debug", "--log", log, "--log-format", "json", "create",
-                        "--bundle", bundle, "--pid-file", bundle + "/init.pid", *sys.argv[8:], cid],
-                       stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd=bundle, pass_fds=(3,) if fd3 != "-" else ())
+    r = subprocess.run([wrapper, "--root", root, "--debug", "--log", log, "--log-format", "json", *args],
+                       stdin=subprocess.DEVNULL, stdout=f, stderr=f, cwd=cwd, pass_fds=(3,) if fd3 != "-" else ())
 if fd3 != "-":
     os.close(3)
     os.close(int(fd3))
-pid = int(open(bundle + "/init.pid").read()) if r.returncode == 0 else 0
+pid = int(open(pid_file).read()) if r.returncode == 0 else 0
 ppid = 0
 if pid:
     with open(f"/proc/{pid}/stat") as f:
         ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-print(json.dumps({"code": r.returncode, "pid": pid, "ppid": ppid, "me": os.getpid()}), flush=True)
-subprocess.run([wrapper, "--root", root, "start", cid], check=r.returncode == 0)
+fds = sorted(os.listdir(f"/proc/{pid}/fd")) if pid else []
+print(json.dumps({"code": r.returncode, "pid": pid, "ppid": ppid, "me": os.getpid(), "fds": fds}), flush=True)
+if args[0] == "create":
+    subprocess.run([wrapper, "--root", root, "start", args[-1]], check=r.returncode == 0)
 if pid:
-    os.waitpid(pid, 0)                                            # the subreaper reaps its init
+    os.waitpid(pid, 0)                                            # the subreaper reaps its process
 """
 
 
-def shim_create(runtime, bundle: str, cid: str, *flags: str, fd3: int = -1) -> tuple[dict, str]:
-    """(report, the debug log): a create as a shim makes it, then start, then the init reaped.
-    fd3: a descriptor of the test's, handed to the create as the shim's fd 3 (--preserve-fds)."""
-    log, out = os.path.join(bundle, "log.json"), os.path.join(bundle, "create.out")
-    r = subprocess.run([sys.executable, "-c", SHIM, WRAPPER, runtime.root, bundle, cid, log, out,
-                        str(fd3) if fd3 >= 0 else "-", *flags],
+def as_shim(runtime, cwd: str, *args: str, fd3: int = -1) -> tuple[dict, str]:
+    """(report, the debug log) of one call made as a shim makes it (see SHIM); args end with
+    the container id and include --pid-file cwd/pid. fd3: a descriptor of the test's, handed
+    over as the shim's fd 3 (--preserve-fds)."""
+    log, out, pid_file = os.path.join(cwd, "log.json"), os.path.join(cwd, "call.out"), os.path.join(cwd, "pid")
+    r = subprocess.run([sys.executable, "-c", SHIM, WRAPPER, runtime.root, cwd, pid_file, log, out,
+                        str(fd3) if fd3 >= 0 else "-", *args],
                        capture_output=True, text=True, timeout=60, pass_fds=(fd3,) if fd3 >= 0 else ())
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.splitlines()[0])
     report["out"] = open(out).read()
     return report, open(log).read() if os.path.exists(log) else ""
+
+
+def shim_create(runtime, bundle: str, cid: str, *flags: str, fd3: int = -1) -> tuple[dict, str]:
+    return as_shim(runtime, bundle, "create", "--bundle", bundle, "--pid-file", os.path.join(bundle, "pid"),
+                   *flags, cid, fd3=fd3)
 
 
 def test_create_is_served_warm_and_its_init_is_the_callers_child(warm, runtime, busybox_rootfs):
@@ -129,7 +138,28 @@ def test_create_is_served_warm_and_its_init_is_the_callers_child(warm, runtime, 
     assert "served by isoboxd's warm worker" in log
     # the client exited after create: its child, the init, went to the shim
     assert report["ppid"] == report["me"]
-    assert "warm-init-1" in open(os.path.join(b, "create.out")).read()
+    assert "warm-init-1" in open(os.path.join(b, "call.out")).read()
+
+
+def test_a_detached_exec_is_served_warm_and_its_process_goes_to_the_callers_subreaper(warm, runtime,
+                                                                                     busybox_rootfs, tmp_path):
+    cid = started(runtime, busybox_rootfs)
+    work = str(tmp_path / "exec")
+    os.mkdir(work)
+    report, log = as_shim(runtime, work, "exec", "--detach", "--pid-file", os.path.join(work, "pid"), cid,
+                          "sh", "-c", "cat /proc/1/comm; exec sleep 2")
+    assert report["code"] == 0 and "served by isoboxd's warm worker" in log, report["out"]
+    assert report["ppid"] == report["me"]
+    assert open(os.path.join(work, "call.out")).read().startswith("sleep")     # the container's pid 1
+    # nothing the worker handed the helper (namespaces, pipes, the console) reaches the process
+    assert report["fds"] == ["0", "1", "2"], report
+    # a foreground exec stays in the caller's process (it waits as the subreaper)
+    r, warm_ = served_warm(runtime, tmp_path, "exec", cid, "true")
+    assert r.returncode == 0 and not warm_, r.stderr
+    # errors: the local path's line and code
+    r, warm_ = served_warm(runtime, tmp_path, "exec", "--detach", cid, "/no/such/program")
+    local = wrapper(runtime, "exec", "--detach", cid, "/no/such/program", env={**os.environ, "ISOBOX_WARM": "0"})
+    assert warm_ and r.returncode == local.returncode == 1 and r.stderr == local.stderr, (r.stderr, local.stderr)
 
 
 def test_warm_create_failures_match_the_local_ones_and_leave_nothing(warm, runtime, busybox_rootfs, tmp_path):

@@ -19,11 +19,14 @@ def test_a_request_round_trips():
     assert got == (argv, "/tmp/w d", env, 4242)
 
 
-def test_run_and_exec_never_leave_the_callers_process():
+def test_run_and_a_foreground_exec_never_leave_the_callers_process():
     assert warm_client.LOCAL_ONLY.isdisjoint(warm.WARM)
-    assert {"run", "exec"} <= warm_client.LOCAL_ONLY
-    assert "create" in warm.WARM             # its init is cloned by the client (init/handover.py)
-    assert warm_client.SPAWN == handover.SPAWN
+    assert "run" in warm_client.LOCAL_ONLY
+    assert warm.command(["exec", "c1", "ls", "-d"]) is None          # -d after the id is ls's
+    assert warm.command(["exec", "--detach", "c1", "ls"]) == "exec"
+    assert warm.command(["--root", "/r", "create", "--bundle", "b", "c1"]) == "create"
+    assert warm.SPAWNS == {"create", "exec"}       # the client forks their processes (init/handover.py)
+    assert (warm_client.SPAWN, warm_client.SPAWN_EXEC) == (handover.SPAWN, handover.SPAWN_EXEC)
 
 
 def _plan(**over) -> Plan:

@@ -21,11 +21,12 @@ from isobox.daemon import paths
 PRELOAD = ("isobox.runc.main", "isobox.runc.args", "isobox.runc.log", "isobox.runc.manage_cmd",
            "isobox.lifecycle.control", "isobox.lifecycle.state", "isobox.lifecycle.hooks",
            "isobox.cgroups.manager", "isobox.cgroups.layout", "isobox.ids.allocator", "isobox.daemon.client",
-           "isobox.lifecycle.create", "isobox.init.launch", "isobox.init.handover", "isobox.init.builder",
+           "isobox.lifecycle.create", "isobox.lifecycle.exec", "isobox.runc.exec_cmd", "isobox.init.launch", "isobox.init.handover", "isobox.init.builder",
            "isobox.init.console", "isobox.spec.rewrite", "isobox.spec.config", "isobox.seccomp",
            "isobox.seccomp.bpfcache", "isobox.policy.model", "isobox.cgroups.primer", "_sha256")
-WARM = frozenset({"create", "start", "state", "kill", "delete", "list", "ps", "pause", "resume", "update",
-                  "features"})
+WARM = frozenset({"create", "exec", "start", "state", "kill", "delete", "list", "ps", "pause", "resume",
+                  "update", "features"})
+SPAWNS = frozenset({"create", "exec"})       # the client forks the container's process (init/handover.py)
 MAX_REQUEST = 1 << 20
 SPARES = 2                  # children waiting for a call
 MAX_FDS = 64                # the caller's fds 0-2 and the ones it preserves for a create
@@ -50,11 +51,16 @@ def decode(data: bytes) -> tuple[list[str], str, dict[str, str], int]:
 
 
 def command(argv: list[str]) -> str | None:
+    """The command this worker serves ("exec" only detached: a foreground exec waits for
+    its process as the caller's subreaper), or None."""
     from isobox.runc.args import parse
     try:
-        return parse(argv).command
+        p = parse(argv)
     except Exception:  # noqa: BLE001 - a bad command line is reported by the local path, word for word
         return None
+    if p.command == "exec" and not p.flags.get("detach"):
+        return None
+    return p.command if p.command in WARM else None
 
 
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
@@ -73,9 +79,9 @@ def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
 
 
 def _run_child(conn: socket.socket, fds: list[int], argv: list[str], cwd: str, env: dict[str, str],
-               ppid: int, create_for: int) -> None:
+               ppid: int, spawner: int) -> None:
     """In the forked child: become the caller's isobox-runc process, run main(), answer.
-    create_for: the client's pid when this is a create (its client clones the init)."""
+    spawner: the client's pid for a create or exec (the client forks the container's process)."""
     code = 1
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # hooks and helpers are waited for
@@ -91,9 +97,9 @@ def _run_child(conn: socket.socket, fds: list[int], argv: list[str], cwd: str, e
             os.dup2(fd, target)
             os.close(fd)
         conn.send(b"A")
-        if create_for:
+        if spawner:
             from isobox.init import handover
-            handover.REMOTE = handover.Remote(conn, create_for)
+            handover.REMOTE = handover.Remote(conn, spawner)
         os.environ.clear()
         os.environ.update(env)
         os.environ["ISOBOX_CALLER_PPID"] = str(ppid)
@@ -139,8 +145,8 @@ def _take_one(listener: socket.socket, taken: int, k) -> None:
         data, fds = _receive(conn)
         argv, cwd, env, ppid = decode(data)
         cmd = command(argv)
-        if uid == 0 and len(fds) >= 3 and cmd in WARM:
-            _run_child(conn, fds, argv, cwd, env, ppid, peer if cmd == "create" else 0)   # does not return
+        if uid == 0 and len(fds) >= 3 and cmd is not None:
+            _run_child(conn, fds, argv, cwd, env, ppid, peer if cmd in SPAWNS else 0)   # does not return
         conn.send(LOCAL)
     except (OSError, ValueError):
         pass                         # no "A" written: the client runs the call itself

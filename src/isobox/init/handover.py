@@ -29,6 +29,7 @@ from isobox.init import channel
 REMOTE: "Remote | None" = None     # set by the warm worker for a create it serves
 MAX_PLAN = 1 << 20                 # SEQPACKET: a message arrives whole or not at all
 SPAWN = b"C"
+SPAWN_EXEC = b"X"
 SPAWN_FAILED = b"E"
 
 
@@ -43,20 +44,37 @@ class Remote:
     def spawn(self, flags: int, joins: list[tuple[str, int]]) -> tuple[int, _socket.socket]:
         """H1's host pid and the runtime's end of its socket pair, from the client."""
         self.conn.send(SPAWN + marshal.dumps({"flags": flags, "joins": joins}))
-        data, anc, _, _ = self.conn.recvmsg(4096, _socket.CMSG_LEN(4))
+        pid, fds = self._answer(1, "the container's init")
+        return pid, _socket.socket(fileno=fds[0])
+
+    def spawn_exec(self, ns: dict[str, int], go_r: int, report_w: int, proc, console_sock, preserve_fds: int,
+                   seccomp) -> int:
+        """A detached exec: the client forks the helper X (exec_init.helper) with these fds
+        and settings; X's host pid."""
+        from isobox.init.exec_init import ORDER
+        fds = [ns[name] for name, _ in ORDER] + [go_r, report_w]
+        fds += [console_sock.fileno()] if console_sock is not None else []
+        data = marshal.dumps({"process": _process_wire(proc), "preserve_fds": preserve_fds,
+                              "seccomp": seccomp.to_wire() if seccomp is not None else None})
+        if len(data) > MAX_PLAN:
+            raise IsoboxError("the process settings are too large to hand over (over 1 MiB)")
+        self.conn.sendmsg([SPAWN_EXEC + data], channel.rights(fds))
+        pid, _ = self._answer(0, "the exec helper")
+        return pid
+
+    def _answer(self, nfds: int, what: str) -> tuple[int, list[int]]:
+        """The client's reply to a spawn: a pid (checked to be its child) and nfds fds."""
+        data, anc, _, _ = self.conn.recvmsg(4096, _socket.CMSG_LEN(4), _socket.MSG_CMSG_CLOEXEC)
         fds = channel.received_fds(anc)
-        if not data.isdigit() or len(fds) != 1:
+        if not data.isdigit() or len(fds) != nfds or _ppid(int(data)) != self.client_pid:
+            # only ever drive a process the calling client really forked
             for fd in fds:
                 os.close(fd)
+            if data.isdigit():
+                raise IsoboxError(f"the isobox-runc client named pid {int(data)}, which is not its child")
             why = data[1:].decode(errors="replace") if data.startswith(SPAWN_FAILED) else ""
-            raise IsoboxError(why or "the isobox-runc client did not start the container's init")
-        pid = int(data)
-        sock = _socket.socket(fileno=fds[0])
-        if _ppid(pid) != self.client_pid:
-            # only ever drive a process the calling client really forked
-            sock.close()
-            raise IsoboxError(f"the isobox-runc client named pid {pid}, which is not its child")
-        return pid, sock
+            raise IsoboxError(why or f"the isobox-runc client did not start {what}")
+        return int(data), fds
 
     @staticmethod
     def hand_over(sock: _socket.socket, plan, fifo_fd: int, console_sock, new_cgroupns: bool,
@@ -77,32 +95,43 @@ def _ppid(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
-def encode(plan, new_cgroupns: bool, preserve_fds: int) -> bytes:
-    """What container.run reads of the Plan (process, seccomp, startContainer hooks, ids)."""
-    p = plan.process
+def _process_wire(p) -> dict:
     proc = {name: getattr(p, name) for name in p._FIELDS if name != "rlimits"}
     proc["rlimits"] = [(r.resource, r.soft, r.hard) for r in p.rlimits]
+    return proc
+
+
+def _process_from(d: dict):
+    from isobox.spec.plan import Process, Rlimit
+    return Process(**{**d, "rlimits": [Rlimit(*r) for r in d["rlimits"]]})
+
+
+def _seccomp_from(d: dict | None):
+    if d is None:
+        return None
+    from isobox.seccomp import Seccomp
+    return Seccomp.from_wire(d)
+
+
+def encode(plan, new_cgroupns: bool, preserve_fds: int) -> bytes:
+    """What container.run reads of the Plan (process, seccomp, startContainer hooks, ids)."""
     return marshal.dumps({
         "id": plan.id, "bundle": plan.bundle, "annotations": plan.annotations, "hooks": plan.hooks,
-        "process": proc, "seccomp": plan.seccomp.to_wire() if plan.seccomp is not None else None,
+        "process": _process_wire(plan.process),
+        "seccomp": plan.seccomp.to_wire() if plan.seccomp is not None else None,
         "new_cgroupns": new_cgroupns, "preserve_fds": preserve_fds})
 
 
 def decode(data: bytes):
     """(Plan, new_cgroupns, preserve_fds) from encode(): a Plan holding only what the init uses."""
-    from isobox.spec.plan import Plan, Process, Rlimit
+    from isobox.spec.plan import Plan
     d = marshal.loads(data)
-    proc = d["process"]
-    proc["rlimits"] = [Rlimit(*r) for r in proc["rlimits"]]
-    sec = None
-    if d["seccomp"] is not None:
-        from isobox.seccomp import Seccomp
-        sec = Seccomp.from_wire(d["seccomp"])
+    sec = _seccomp_from(d["seccomp"])
     plan = Plan(id=d["id"], bundle=d["bundle"], rootfs="", readonly_root=False, new_namespaces=0,
                 join_namespaces={}, join_user="", shares_userns_of="", uid_base=0, gid_base=0, id_size=0,
                 explicit_mapping=False, mounts=[], masked_paths=[], readonly_paths=[], devices=[],
                 hostname="", domainname="", sysctl={}, cgroups_path="", resources={},
-                process=Process(**proc), annotations=d["annotations"], hooks=d["hooks"], seccomp=sec)
+                process=_process_from(d["process"]), annotations=d["annotations"], hooks=d["hooks"], seccomp=sec)
     return plan, d["new_cgroupns"], d["preserve_fds"]
 
 
@@ -111,7 +140,7 @@ def preload() -> None:
     """What the clone's child runs, imported while the worker prepares (the child inherits it)."""
     import resource  # noqa: F401
     import _signal  # noqa: F401
-    from isobox.init import container  # noqa: F401
+    from isobox.init import container, exec_init  # noqa: F401
     from isobox.linux import capabilities  # noqa: F401
     from isobox.seccomp import bpfcache  # noqa: F401
     from isobox.spec import plan  # noqa: F401
@@ -151,12 +180,46 @@ def spawn_here(conn: _socket.socket, request: bytes) -> None:
         sock_p.close()
 
 
+def exec_here(conn: _socket.socket, request: bytes, fds: list[int]) -> None:
+    """The client's answer to a SPAWN_EXEC request: fork the exec helper X (which never
+    returns here) and send the worker its pid. X forks the process and exits; the process is
+    then the caller's subreaper's, as with runc exec --detach."""
+    try:
+        x = os.fork()
+    except OSError as e:
+        for fd in fds:
+            os.close(fd)
+        conn.send(SPAWN_FAILED + f"cannot start the exec helper: {e.strerror}".encode())
+        return
+    if x == 0:
+        conn.close()
+        exec_main(request, fds)
+    for fd in fds:
+        os.close(fd)
+    conn.send(str(x).encode())
+
+
+def exec_main(request: bytes, fds: list[int]) -> None:
+    """X: never returns (exec_init.helper reports to the worker over report_w)."""
+    try:
+        from isobox.init import exec_init
+        d = marshal.loads(request)
+        n = len(exec_init.ORDER)
+        ns = {name: fds[i] for i, (name, _) in enumerate(exec_init.ORDER)}
+        go_r, report_w = fds[n], fds[n + 1]
+        console_sock = _socket.socket(fileno=fds[n + 2]) if len(fds) > n + 2 else None
+        exec_init.helper(ns, go_r, report_w, _process_from(d["process"]), console_sock, d["preserve_fds"],
+                         _seccomp_from(d["seccomp"]))
+    finally:
+        os._exit(1)     # helper() never returns; the worker reads an empty report as "died"
+
+
 # --- H1's side ------------------------------------------------------------------------
 def init_main(sock: _socket.socket) -> None:
     """Never returns: receives the settings, then is the container's init (container.run)."""
     from isobox.init import container
     try:
-        data, anc, _, _ = sock.recvmsg(MAX_PLAN, _socket.CMSG_LEN(2 * 4))
+        data, anc, _, _ = sock.recvmsg(MAX_PLAN, _socket.CMSG_LEN(2 * 4), _socket.MSG_CMSG_CLOEXEC)
         fds = channel.received_fds(anc)
         if not data or not fds:
             os._exit(1)            # the worker gave up before handing over; it undoes the rest

@@ -38,11 +38,22 @@ def exec_process(store: StateStore, st: ContainerState, proc: Process, *, detach
     if not detach:
         k.prctl(k.PR_SET_CHILD_SUBREAPER, 1)
         foreground.hold_signals()
-    x = os.fork()
-    if x == 0:
-        os.close(go_w)
-        os.close(report_r)
-        exec_init.helper(ns, go_r, report_w, proc, console_sock, preserve_fds, seccomp)
+    from isobox.init import handover
+    if detach and handover.REMOTE is not None:
+        # served by isoboxd's worker: the engine's client forks X, so that the process ends up
+        # with the engine's subreaper (init/handover.py)
+        try:
+            x = handover.REMOTE.spawn_exec(ns, go_r, report_w, proc, console_sock, preserve_fds, seccomp)
+        except BaseException:
+            for fd in (go_r, go_w, report_r, report_w, *ns.values()):
+                os.close(fd)
+            raise
+    else:
+        x = os.fork()
+        if x == 0:
+            os.close(go_w)
+            os.close(report_r)
+            exec_init.helper(ns, go_r, report_w, proc, console_sock, preserve_fds, seccomp)
     for fd in (go_r, report_w, *ns.values()):
         os.close(fd)
     if console_sock is not None:

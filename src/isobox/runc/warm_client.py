@@ -5,9 +5,10 @@ commands that create no process of the caller's (start, state, kill, delete, lis
 pause, resume, update, features) do not need to run here: this module sends argv, the
 working directory, the environment and fds 0-2 to isoboxd's warm worker, which forks a
 copy of itself that has everything imported, runs the same main() with the caller's fds,
-and sends back the exit code. A create goes there too, but its init must descend from the
-caller (the engine's shim reaps it): the worker asks this process to clone it and drives it
-from there (init/handover.py). run and exec stay in this process.
+and sends back the exit code. create and a detached exec go there too, but their container
+process must descend from the caller (the engine's shim reaps it): the worker asks this
+process to clone the init or fork the exec helper and drives it from there
+(init/handover.py). run and a foreground exec stay in this process.
 
 Imported by the wrapper before anything else, so it uses only built-in modules: _socket, and
 posix rather than os (with -S nothing has imported os yet, and os costs ~2 ms of a 20 ms
@@ -23,8 +24,9 @@ ACCEPTED = b"A"
 RESULT = b"R"
 SPAWN = b"C"                                # init/handover.SPAWN: "clone the init now"
 MAX_FDS = 64                                # daemon/warm.py's: stdio and up to 61 preserved fds
-LOCAL_ONLY = frozenset({"run", "exec"})     # their processes descend from this one and stay
-                                            # its children (run waits, exec relays)
+SPAWN_EXEC = b"X"                           # init/handover.SPAWN_EXEC: "fork the exec helper"
+LOCAL_ONLY = frozenset({"run"})             # its container stays this process's child (run waits);
+                                            # the worker also hands a foreground exec back ("L")
 
 
 def _bytes(s) -> bytes:
@@ -60,7 +62,7 @@ def forward(argv: list) -> "int | None":
         cwd = posix.getcwdb()
     except OSError:
         return None
-    creating = "create" in argv
+    spawning = "create" in argv or ("exec" in argv and ("--detach" in argv or "-d" in argv))
     sent = 3 + _preserved(argv)          # the engine's preserved fds reach the worker as well
     if sent > MAX_FDS:
         return None
@@ -71,7 +73,7 @@ def forward(argv: list) -> "int | None":
         fds = b"".join(fd.to_bytes(4, "little") for fd in range(sent))
         s.sendmsg([encode(argv, cwd, posix.environ, posix.getppid())],
                   [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        if creating:
+        if spawning:
             # imported while the worker prepares; the init this process clones inherits them
             from isobox.init import handover
             handover.preload()
@@ -79,15 +81,20 @@ def forward(argv: list) -> "int | None":
         # for a create, "C" asks for the init's clone; "R<code>" when it is done. Without "A"
         # nothing ran, so running it here is safe.
         while True:
-            msg = s.recv(4096)
+            # fds arrive close-on-exec: the exec helper's pipes and namespaces must not reach
+            # the container's process (it keeps only what close_host_fds leaves it)
+            msg, anc, _flags, _addr = s.recvmsg(1 << 20, _socket.CMSG_SPACE(16 * 4), _socket.MSG_CMSG_CLOEXEC)
             if not msg:
                 break
             if msg == ACCEPTED:
                 accepted = True
             elif msg.startswith(RESULT) and msg[1:].isdigit() and accepted:
                 return int(msg[1:])
-            elif msg.startswith(SPAWN) and accepted and creating:
+            elif msg.startswith(SPAWN) and accepted and spawning:
                 handover.spawn_here(s, msg[1:])
+            elif msg.startswith(SPAWN_EXEC) and accepted and spawning:
+                from isobox.init import channel
+                handover.exec_here(s, msg[1:], channel.received_fds(anc))
             else:
                 break
     except OSError:
