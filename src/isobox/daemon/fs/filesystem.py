@@ -79,15 +79,20 @@ class Filesystem:
             self.store.remove(key)
             for nodeid in [n for n in self.snaps if n >> 32 == idx]:
                 del self.snaps[nodeid]
-        # the kernel caches the directory's entry for LONG seconds: make it forget it now
-        # (never called from a FUSE worker, which could deadlock on the directory's lock)
-        name = key.encode()
+        # the kernel caches the directory's entry for LONG seconds: make it forget it, on a
+        # thread of its own. Never on a FUSE worker, which could deadlock on the directory's
+        # lock; and not before the caller's answer: when the container's binds of its files
+        # are still being torn down, the kernel's invalidation waits for an RCU grace period
+        # (~5 ms of every `delete` here), and nothing the caller does next depends on it.
+        threading.Thread(target=self._forget, args=(key.encode(),), daemon=True).start()
+        return True
+
+    def _forget(self, name: bytes) -> None:
         try:
             self.notify(proto.notify(proto.NOTIFY_INVAL_ENTRY,
                                      proto.INVAL_ENTRY.pack(proto.ROOT_ID, len(name), 0) + name + b"\0"))
         except OSError:
             pass     # ENOENT: never looked up
-        return True
 
     def save(self, c: Container) -> None:
         self.store.save(c)
