@@ -512,19 +512,19 @@ class ContainerCgroup(Plain):
             parent, cur = cur, os.path.join(cur, part)
             if h.version == 2:
                 self._enable_controllers(parent, needed)
-            new = False
             if not os.path.isdir(cur):
                 try:
                     _mkdir(cur)
                     created.append(cur)
-                    new = True
                 except FileExistsError:
                     pass  # raced with another creator: fine
                 except FileNotFoundError:
                     raise
                 except OSError as e:
                     raise CgroupError(f"cannot create cgroup {cur}: {e.strerror}") from None
-            if cpuset and (new or i == len(parts) - 1):
+            if cpuset:
+                # every level, not only the ones made here: a parent another create has just
+                # made may not have its cpus/mems yet (its child would copy them empty)
                 _fill_cpuset(parent, cur)
         if cpuset:
             # Sub-cgroups the container makes then inherit cpus/mems instead of starting
@@ -749,6 +749,14 @@ class ContainerCgroup(Plain):
         dirs = [(h, d) for h, d in dirs if os.path.isdir(d)]
         if not dirs:
             return
+        every = dirs
+        # the usual case, a stopped container without sub-cgroups: each directory simply goes
+        # (rmdir refuses one that still has tasks or children), without reading any tree
+        dirs = [(h, d) for h, d in dirs if not _rmdir_now(d)]
+        if not dirs:
+            for h, d in every:
+                _remove_empty_parents(d, h.mountpoint)
+            return
         deadline = time.monotonic() + timeout
         for h, d in dirs:
             if h.version == 2 and os.path.exists(os.path.join(d, "cgroup.kill")):
@@ -780,7 +788,7 @@ class ContainerCgroup(Plain):
         if busy:
             raise CgroupError(f"cannot remove cgroup {busy[0]}"
                               + (f" (+{len(busy) - 1} more)" if len(busy) > 1 else ""))
-        for _h, d in dirs:
+        for _h, d in every:
             _remove_empty_parents(d, _h.mountpoint)
 
     # -- mounts inside the container --
@@ -1076,6 +1084,16 @@ def _remove_empty_parents(path: str, mountpoint: str) -> None:
         except OSError:
             return
         parent = os.path.dirname(parent)
+
+
+def _rmdir_now(path: str) -> bool:
+    try:
+        _rmdir(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return False
+    return True
 
 
 def _rmdir_retry(path: str, deadline: float) -> bool:
