@@ -52,7 +52,7 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
                 has_devpts |= m.type == "devpts" and m.destination == "/dev/pts"
         dev.populate(rootfd, plan.devices, has_devpts)
     _sysctl(rootfd, plan.sysctl)        # through the kernel's /proc/sys, before isoboxd's covers it
-    emulation.bind(rootfd, plan.emulation)
+    emulation.bind(rootfd, plan.emulation, plan.emulation_prefetch.fds if plan.emulation_prefetch else None)
     masks.mask(rootfd, plan.masked_paths)
     masks.readonly(rootfd, plan.readonly_paths)
     os.close(rootfd)

@@ -127,6 +127,8 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list, console_sock=None, p
         _write_maps(pid, plan)
 
     ns_fds = {name: _open_ns(f"/proc/{pid}/ns/{name}") for name, _ in _NS_ORDER if name != "cgroup"}
+    if plan.emulation_prefetch is not None:
+        plan.emulation_prefetch.result()      # the builder inherits the clones: wait for them
     own_pidns = _open_ns("/proc/self/ns/pid_for_children")
     try:
         k.setns(ns_fds["pid"], k.CLONE_NEWPID)

@@ -110,6 +110,11 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
         except CgroupError as e:
             raise IsoboxError(str(e)) from None
         _register(store.root, plan, cg, cleanup)
+        if handover.REMOTE is not None:
+            # a thread, like the primer: only in the worker (see there)
+            from isobox.mounts.emulation import Prefetch
+            plan.emulation_prefetch = Prefetch(plan.emulation)
+            cleanup.append(plan.emulation_prefetch.close)
         if console_socket:
             console_sock = console.connect(console_socket)
             cleanup.append(console_sock.close)
@@ -124,6 +129,8 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
                 console_sock.close()
             if primer is not None:
                 primer.stop()
+            if plan.emulation_prefetch is not None:
+                plan.emulation_prefetch.close()     # the builder has used (or dropped) its copies
         if plan.hooks:
             # the init exists and waits at the start barrier: prestart and createRuntime in the
             # runtime's namespaces, then createContainer in the container's; a failure undoes

@@ -82,3 +82,5 @@ class Plan:
     seccomp_trap_socket: str = ""                    # isoboxd's socket for the trap's listener fd; "" = trap off
     emulation: list = field(default_factory=list)    # (host source, container path): isoboxd's files,
                                                      # set by create once the container is registered
+    emulation_prefetch: object = None                # mounts.emulation.Prefetch (warm worker only)
+
