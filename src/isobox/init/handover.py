@@ -1,4 +1,5 @@
-"""create through isoboxd's warm worker: the init is cloned by the engine's own client.
+"""create and exec --detach through isoboxd's warm worker: the engine's own client forks
+the container's process.
 
 The container's init (H1) must descend from the process the engine started (its shim reaps
 it), but everything else a create does (spec rewrite, IDs, cgroups, registration, the
@@ -13,6 +14,11 @@ processes split launch.py's first step between them:
     H1 (init_main)             rebuilds that Plan and runs container.run, driven by the
                                worker exactly as launch.py drives a locally cloned init.
 
+A detached exec goes the same way with "X": the worker sends the container's namespaces,
+the helper's pipes, the console socket and the process settings; the client forks the
+helper (exec_init.helper), which the worker then drives as lifecycle/exec.py does. Every fd
+arrives close-on-exec (MSG_CMSG_CLOEXEC), so none reaches the container's process.
+
 marshal, not json or pickle: it is built in (pickle's C module imports functools and
 collections, ~6 ms) and every value here is a plain int, str, bytes, list or dict. The peer
 is trusted either way: the worker serves root's clients only and both run isobox's code.
@@ -26,7 +32,7 @@ import os
 from isobox.errors import IsoboxError
 from isobox.init import channel
 
-REMOTE: "Remote | None" = None     # set by the warm worker for a create it serves
+REMOTE: "Remote | None" = None     # set by the warm worker for a create or exec it serves
 MAX_PLAN = 1 << 20                 # SEQPACKET: a message arrives whole or not at all
 SPAWN = b"C"
 SPAWN_EXEC = b"X"
@@ -35,7 +41,7 @@ SPAWN_FAILED = b"E"
 
 # --- the worker's side ------------------------------------------------------------------
 class Remote:
-    """The worker's end of one warm create: conn is its connection to the client."""
+    """The worker's end of one warm create or exec: conn is its connection to the client."""
 
     def __init__(self, conn, client_pid: int):
         self.conn = conn
