@@ -45,6 +45,8 @@ EOS
   mv "/usr/local/bin/$cmd.tmp" "/usr/local/bin/$cmd"
 done
 /usr/local/bin/isobox setup
+# a running isoboxd (an upgrade) starts a new server and warm worker on the code just installed
+/usr/local/bin/isobox daemon --reload
 if [ "${ISOBOX_SETUP_ONLY:-}" != 1 ]; then
   /usr/local/bin/isobox demo
 fi

@@ -326,3 +326,26 @@ def test_a_client_naming_a_process_it_did_not_fork_is_refused(warm, runtime, bus
         assert f.read() == cgroups
     assert not os.path.exists(os.path.join(runtime.root, cid))
     assert leftovers(cid) == [] and ids_held(runtime.root) == []
+
+
+def _warm_worker_pid() -> int:
+    with open("/run/isobox/isoboxd.pid") as f:
+        holder = int(f.read())
+    children = subprocess.run(["pgrep", "-P", str(holder)], capture_output=True, text=True).stdout.split()
+    return next(int(p) for p in children if b"isobox.daemon.warm" in open(f"/proc/{p}/cmdline", "rb").read())
+
+
+def test_reload_brings_new_code_in_and_keeps_containers(warm, runtime, busybox_rootfs, tmp_path):
+    """`isobox daemon --reload` (what setup.sh runs after an upgrade): a new server and a new
+    warm worker import the code on disk; running containers keep their emulated files."""
+    cid = started(runtime, busybox_rootfs)
+    generation = client.call({"op": "ping"})["generation"]
+    worker = _warm_worker_pid()
+    r = subprocess.run(["isobox", "daemon", "--reload"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "isoboxd: reloaded" in r.stdout, r.stdout + r.stderr
+    assert client.call({"op": "ping"})["generation"] == generation + 1
+    assert _warm_worker_pid() != worker
+    r = runtime("exec", cid, "cat", "/proc/uptime")
+    assert r.returncode == 0 and len(r.stdout.split()) == 2, r.stderr
+    r, warm_ = served_warm(runtime, tmp_path, "state", cid)
+    assert r.returncode == 0 and warm_, r.stderr

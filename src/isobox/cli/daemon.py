@@ -20,7 +20,10 @@ def daemon(argv: list[str]) -> int:
         return status()
     if argv in (["--stop"], ["--stop", "--force"]):
         return stop(force="--force" in argv)
-    raise IsoboxError(f"unknown arguments {' '.join(argv)!r}: use `isobox daemon [--status | --stop [--force]]`")
+    if argv == ["--reload"]:
+        return reload()
+    raise IsoboxError(f"unknown arguments {' '.join(argv)!r}: use "
+                      "`isobox daemon [--status | --reload | --stop [--force]]`")
 
 
 def status() -> int:
@@ -32,6 +35,31 @@ def status() -> int:
     print(f"isoboxd: running, holder pid {read_text(paths.HOLDER_PID, '?')}, server pid {ping['pid']} "
           f"(generation {ping['generation']}), {r['containers']} containers, RSS {r['rss_kib']} KiB, "
           f"warm worker {'answering' if client.warm_worker_answers() else 'not answering'}")
+    return 0
+
+
+def reload() -> int:
+    """After an upgrade: the holder (SIGHUP) starts a new server on the same FUSE connection
+    and a new warm worker, both importing the code now on disk; containers keep running."""
+    if not client.holder_alive():
+        print("isoboxd: not running (nothing to reload)")
+        return 0
+    before = client.call({"op": "ping"})["generation"] if client.running() else -1
+    pid = int(read_text(paths.HOLDER_PID, "0"))
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while True:
+        try:
+            now = client.call({"op": "ping"})["generation"]
+        except (OSError, IsoboxError):
+            now = before
+        if now != before and client.warm_worker_answers():
+            break
+        if time.monotonic() > deadline:
+            raise IsoboxError(f"isoboxd (pid {pid}) did not start a new server within {STOP_TIMEOUT:g}s; "
+                              f"see {paths.LOG}")
+        time.sleep(0.05)
+    print(f"isoboxd: reloaded (holder pid {pid}, server generation {now}, new warm worker)")
     return 0
 
 
