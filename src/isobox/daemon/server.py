@@ -207,6 +207,9 @@ class Server:
             threading.Thread(target=target, daemon=True).start()
         atomic_write(paths.SERVER_PID, str(os.getpid()))
         log.info("serving generation %d with %d containers", self.generation, len(self.fs.by_idx))
+        # every thread above was started with SIGTERM blocked (main()), so only this one takes
+        # it and its wait is interrupted at once (see main())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
         self.loop.stopped.wait()
 
     def _init(self) -> None:
@@ -291,6 +294,11 @@ def main() -> None:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
+    # Python runs handlers in the main thread only. A SIGTERM that a FUSE or notify thread
+    # took would wait until the main thread next woke up (seconds: an upgrade's SIGHUP took
+    # 10 s). Blocked here, every thread started from now on inherits the block; run()
+    # unblocks it in the main thread once they are all started.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     # A thread busy with one container's flood of trapped calls would otherwise keep the GIL
     # for 5 ms slices, and every other container's call would wait that long (the fairness
     # the issue measures): hand it over every 0.2 ms.

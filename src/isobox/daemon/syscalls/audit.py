@@ -30,6 +30,8 @@ def _read_comm(pid: int) -> str:
         return ""
     try:
         return os.read(fd, 64).decode(errors="replace").strip()
+    except OSError:
+        return ""         # ESRCH: the caller exited right after its answer (seen in a CI run)
     finally:
         os.close(fd)
 
@@ -64,8 +66,8 @@ class Audit:
         self.fd = -1
 
     def add(self, call: Call, v: Verdict) -> None:
-        """Buffers one event (microseconds); the command name is read now, while the caller
-        is certainly alive, and reused for COMM_TTL per pid."""
+        """Buffers one event (microseconds); the command name is read now (the caller may
+        already have exited: then it is empty) and reused for COMM_TTL per pid."""
         now = time.time()
         hit = self.comms.get(call.pid)
         if hit is None or now - hit[0] > COMM_TTL:
