@@ -5,6 +5,8 @@ tested against any host's layout; detect() reads the live host once per process.
 """
 from __future__ import annotations
 
+import os
+
 from isobox.plain import Frozen
 
 __all__ = ["CgroupError", "Hierarchy", "Layout", "parse_mountinfo", "parse_cgroup_file", "detect"]
@@ -134,6 +136,22 @@ def parse_cgroup_file(text: str) -> dict[str, str]:
         for c in ctrls.split(",") if ctrls else [""]:
             out[c] = path
     return out
+
+
+def process_dir(h: Hierarchy, cgroups: dict[str, str]) -> str | None:
+    """Host path, in hierarchy h, of the cgroup a parse_cgroup_file() map places a process in;
+    None when it shows none there or lies outside the hierarchy's bind-mounted subtree."""
+    if h.version == 1 and not h.controllers:
+        return None
+    p = cgroups.get("" if h.version == 2 else h.controllers[0])
+    if p is None:
+        return None
+    p = p.removesuffix(" (deleted)")
+    if h.root != "/":  # a bind-mounted subtree: paths are shown from the hierarchy root
+        if not (p == h.root or p.startswith(h.root.rstrip("/") + "/")):
+            return None
+        p = p[len(h.root):] or "/"
+    return os.path.normpath(h.mountpoint + "/" + p.lstrip("/"))
 
 
 _detected: list[Layout] = []   # detect()'s cache (functools.lru_cache costs ~4 ms of imports)

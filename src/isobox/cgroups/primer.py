@@ -46,21 +46,16 @@ class Primer:
 
 def own_procs_file(layout) -> str | None:
     """cgroup.procs of this process's own cgroup in the first hierarchy that shows it."""
-    from isobox.cgroups.layout import parse_cgroup_file
+    from isobox.cgroups.layout import parse_cgroup_file, process_dir
     try:
         with open("/proc/self/cgroup") as f:
             mine = parse_cgroup_file(f.read())
     except OSError:
         return None
     for h in layout.hierarchies:
-        key = "" if h.version == 2 else (h.controllers[0] if h.controllers else "")
-        path = mine.get(key)
-        if path is None or not path.startswith(h.root):
-            continue
-        rel = path[len(h.root):].lstrip("/")
-        procs = os.path.join(h.mountpoint, rel, "cgroup.procs")
-        if os.path.exists(procs):
-            return procs
+        d = process_dir(h, mine)
+        if d is not None and os.path.exists(os.path.join(d, "cgroup.procs")):
+            return os.path.join(d, "cgroup.procs")
     return None
 
 

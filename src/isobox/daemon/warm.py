@@ -66,11 +66,9 @@ def command(argv: list[str]) -> str | None:
 def _receive(conn: socket.socket) -> tuple[bytes, list[int]]:
     """The request: one SEQPACKET message (the socket keeps the boundaries, so a create can
     go on talking over the same connection; see init/handover.py)."""
-    fds = []
+    from isobox.init.channel import received_fds
     msg, anc, flags, _addr = conn.recvmsg(MAX_REQUEST, socket.CMSG_SPACE(MAX_FDS * 4))
-    for level, kind, payload in anc:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds += [int.from_bytes(payload[i:i + 4], "little") for i in range(0, len(payload) - 3, 4)]
+    fds = received_fds(anc)
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
         for fd in fds:
             os.close(fd)

@@ -2,20 +2,34 @@
 from __future__ import annotations
 
 
-def proc_starttime(pid: int) -> int | None:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), None if no such process or if it
-    has exited (a zombie or dead task is no longer the container's init)."""
+def _stat_after_comm(pid: int) -> list[bytes] | None:
+    """Fields 3... of /proc/PID/stat, or None if there is no such process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
     except (FileNotFoundError, ProcessLookupError):
         return None
     # comm (field 2) may contain spaces and ')', so split after the last ')'.
-    rest = data[data.rfind(b")") + 2:].split()
-    if rest[:1] in ([b"Z"], [b"X"]):
+    return data[data.rfind(b")") + 2:].split()
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat (clock ticks since boot), None if no such process or if it
+    has exited (a zombie or dead task is no longer the container's init)."""
+    rest = _stat_after_comm(pid)
+    if rest is None or rest[:1] in ([b"Z"], [b"X"]):
         return None
     try:
         return int(rest[22 - 3])  # rest[0] is field 3
+    except (IndexError, ValueError):
+        return None
+
+
+def proc_ppid(pid: int) -> int | None:
+    """Field 4 of /proc/PID/stat (the parent's pid), None if there is no such process."""
+    rest = _stat_after_comm(pid)
+    try:
+        return int(rest[4 - 3]) if rest is not None else None
     except (IndexError, ValueError):
         return None
 

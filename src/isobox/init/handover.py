@@ -30,6 +30,7 @@ import marshal
 import os
 
 from isobox.errors import IsoboxError
+from isobox.ids.procinfo import proc_ppid
 from isobox.init import channel
 
 REMOTE: "Remote | None" = None     # set by the warm worker for a create or exec it serves
@@ -72,7 +73,7 @@ class Remote:
         """The client's reply to a spawn: a pid (checked to be its child) and nfds fds."""
         data, anc, _, _ = self.conn.recvmsg(4096, _socket.CMSG_LEN(4), _socket.MSG_CMSG_CLOEXEC)
         fds = channel.received_fds(anc)
-        if not data.isdigit() or len(fds) != nfds or _ppid(int(data)) != self.client_pid:
+        if not data.isdigit() or len(fds) != nfds or proc_ppid(int(data)) != self.client_pid:
             # only ever drive a process the calling client really forked
             for fd in fds:
                 os.close(fd)
@@ -90,15 +91,6 @@ class Remote:
         if len(data) > MAX_PLAN:
             raise IsoboxError("the container's process settings are too large to hand over (over 1 MiB)")
         sock.sendmsg([data], channel.rights(fds))
-
-
-def _ppid(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return -1
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
 def _process_wire(p) -> dict:

@@ -17,7 +17,11 @@ _LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"), ("/proc/self/fd
 
 def bind_node(host_path: str, target_fd: int) -> None:
     """Bind a host file (a device node) onto the file target_fd points at."""
-    src = k.open_tree(k.AT_FDCWD, host_path, k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC)
+    attach(k.open_tree(k.AT_FDCWD, host_path, k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC), target_fd)
+
+
+def attach(src: int, target_fd: int) -> None:
+    """Moves the detached clone src (open_tree) onto target_fd's file; closes src."""
     try:
         k.move_mount(src, "", target_fd, "", k.MOVE_MOUNT_F_EMPTY_PATH | k.MOVE_MOUNT_T_EMPTY_PATH)
     finally:

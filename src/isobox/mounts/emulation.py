@@ -23,11 +23,7 @@ def bind(rootfd: int, mounts: list[tuple[str, str, str]], opened: dict[str, int]
                     k.mount("isobox-emulation", target, "overlay",
                             k.MS_RDONLY | k.MS_NOSUID | k.MS_NODEV | k.MS_NOEXEC, f"lowerdir={source}:{target}")
                 elif source in opened:
-                    src = opened.pop(source)
-                    try:
-                        k.move_mount(src, "", fd, "", k.MOVE_MOUNT_F_EMPTY_PATH | k.MOVE_MOUNT_T_EMPTY_PATH)
-                    finally:
-                        os.close(src)
+                    dev.attach(opened.pop(source), fd)
                 else:
                     dev.bind_node(source, fd)
             finally:

@@ -38,7 +38,7 @@ import os
 import threading
 import time
 
-from isobox.cgroups.layout import Layout, detect, parse_cgroup_file
+from isobox.cgroups.layout import Layout, detect, parse_cgroup_file, process_dir
 
 # v1 reports "unlimited" as a page-rounded LLONG_MAX; anything this big is no limit.
 _HUGE = 1 << 60
@@ -450,17 +450,7 @@ def reader_view_from(cgroup_text: str, top: CgroupView, layout: Layout) -> Cgrou
 
     def host_dir(ctrl: str) -> str | None:
         h = layout.hierarchy(ctrl)
-        if h is None:
-            return None
-        p = paths.get(ctrl) if h.version == 1 else paths.get("")
-        if p is None:
-            return None
-        p = p.removesuffix(" (deleted)")
-        if h.root != "/":  # a bind-mounted subtree: paths are shown from the hierarchy root
-            if not (p == h.root or p.startswith(h.root.rstrip("/") + "/")):
-                return None
-            p = p[len(h.root):] or "/"
-        return os.path.normpath(h.mountpoint + "/" + p.lstrip("/"))
+        return process_dir(h, paths) if h is not None else None
 
     decider = "memory" if "memory" in top.dirs else ""
     if decider not in top.dirs:
