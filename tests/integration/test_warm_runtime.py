@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -365,3 +366,37 @@ def test_reload_brings_new_code_in_and_keeps_containers(warm, runtime, busybox_r
     assert r.returncode == 0 and len(r.stdout.split()) == 2, r.stderr
     r, warm_ = served_warm(runtime, tmp_path, "state", cid)
     assert r.returncode == 0 and warm_, r.stderr
+
+
+def test_reload_from_a_moved_checkout_imports_from_there(warm, tmp_path):
+    """A checkout set up from a new place (a clean clone beside an older one): after its
+    `isobox daemon --reload`, the new server and worker import that checkout's code, not the
+    code the holder started with."""
+    import isobox
+    here = os.path.dirname(os.path.dirname(isobox.__file__))
+    moved = str(tmp_path / "moved" / "src")
+    shutil.copytree(os.path.join(here, "isobox"), os.path.join(moved, "isobox"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+
+    def reload_from(src: str) -> list[bytes]:
+        code = (f"import sys; sys.path[:0] = [{src!r}]; sys.argv = ['isobox', 'daemon', '--reload']; "
+                "from isobox.cli.main import main; sys.exit(main())")
+        r = subprocess.run([sys.executable, "-I", "-c", code], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "isoboxd: reloaded" in r.stdout, r.stdout + r.stderr
+        deadline = time.monotonic() + 10     # the worker restarts on its own thread, after the server
+        while True:
+            try:
+                cmdlines = [open(f"/proc/{pid}/cmdline", "rb").read()
+                            for pid in (client.call({"op": "ping"})["pid"], _warm_worker_pid())]
+            except (OSError, StopIteration):
+                cmdlines = []
+            if (cmdlines and all(repr(src).encode() in c for c in cmdlines)) or time.monotonic() > deadline:
+                return cmdlines
+            time.sleep(0.05)
+
+    try:
+        cmdlines = reload_from(moved)
+        assert cmdlines and all(repr(moved).encode() in c for c in cmdlines), cmdlines
+    finally:
+        cmdlines = reload_from(here)
+    assert cmdlines and not any(repr(moved).encode() in c for c in cmdlines), cmdlines

@@ -40,10 +40,13 @@ def status() -> int:
 
 def reload() -> int:
     """After an upgrade: the holder (SIGHUP) starts a new server on the same FUSE connection
-    and a new warm worker, both importing the code now on disk; containers keep running."""
+    and a new warm worker, both importing the code now on disk, from where this command's
+    own code lies (a checkout set up from a new place); containers keep running."""
     if not client.holder_alive():
         print("isoboxd: not running (nothing to reload)")
         return 0
+    from isobox.daemon.holder import publish_code_path
+    publish_code_path()
     before = client.call({"op": "ping"})["generation"] if client.running() else -1
     pid = int(read_text(paths.HOLDER_PID, "0"))
     os.kill(pid, signal.SIGHUP)

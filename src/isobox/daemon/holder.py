@@ -9,6 +9,7 @@ crash. It is never the parent of a container's processes."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import socket
@@ -99,9 +100,21 @@ def _hold_ids_db():
 
 def python_command(module: str) -> list[str]:
     """Runs module.main() in a fresh interpreter. -I: no user site, no environment; the
-    caller's sys.path is passed on explicitly (the wrappers run with -S)."""
-    boot = f"import sys; sys.path[:0] = {sys.path!r}; from {module} import main; main()"
+    sys.path is passed on explicitly (the wrappers run with -S). It is the one `isobox daemon
+    --reload` last wrote, so a checkout installed from a new place is what the next server
+    and worker import; the holder itself keeps its own code."""
+    try:
+        with open(paths.CODE_PATH) as f:
+            path = [str(p) for p in json.load(f)]
+    except (OSError, ValueError, TypeError):
+        path = sys.path
+    boot = f"import sys; sys.path[:0] = {path!r}; from {module} import main; main()"
     return [sys.executable, "-I", "-c", boot]
+
+
+def publish_code_path() -> None:
+    """Records this process's sys.path as the one new servers and workers import from."""
+    atomic_write(paths.CODE_PATH, json.dumps(sys.path), mode=0o600)
 
 
 def run() -> int:
@@ -146,6 +159,7 @@ def run() -> int:
     store = FdStore()
     threading.Thread(target=store.serve_trap, args=(paths.TRAP_SOCKET,), daemon=True).start()
     atomic_write(paths.HOLDER_PID, str(os.getpid()))
+    publish_code_path()
     log = os.open(paths.LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
 
     def supervise_warm() -> None:
@@ -193,7 +207,7 @@ def run() -> int:
         except OSError:
             pass
         terminate(warm[-1] if warm else None)
-        for f in (paths.HOLDER_PID, paths.SERVER_PID, paths.SOCKET, paths.TRAP_SOCKET, paths.WARM_SOCKET):
+        for f in (paths.HOLDER_PID, paths.CODE_PATH, paths.SERVER_PID, paths.SOCKET, paths.TRAP_SOCKET, paths.WARM_SOCKET):
             try:
                 os.unlink(f)
             except FileNotFoundError:

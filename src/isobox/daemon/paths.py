@@ -13,6 +13,7 @@ HOLDER_PID = "/run/isobox/isoboxd.pid"
 SERVER_PID = "/run/isobox/isoboxd-server.pid"
 DB = "/run/isobox/isoboxd.db"                # registrations and node ids: survive a server restart
 LOG = "/run/isobox/isoboxd.log"
+CODE_PATH = "/run/isobox/isoboxd.path"      # sys.path (JSON) new servers and workers import from
 CGROUP = "/isoboxd"                          # the daemon's own cgroup in every hierarchy
 
 # container path -> path below FS_ROOT/<key>; bound by the builder before the user namespace,

@@ -14,6 +14,7 @@ import socketserver
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from isobox.daemon import paths
 from isobox.daemon.fs import proto
@@ -23,7 +24,11 @@ from isobox.daemon.fs.loop import Loop, init_reply
 from isobox.daemon.fdstore import recv_fd
 from isobox.daemon.store import Store
 from isobox.fileio import atomic_write, read_text
+from isobox.ids.procinfo import proc_starttime
 from isobox.daemon.syscalls.notify import Notifier
+
+if TYPE_CHECKING:
+    from isobox.cgroups.layout import Layout
 
 WORKERS = 4
 GC_EVERY = 5.0
@@ -232,35 +237,39 @@ class Server:
 
 
 def _in_cgroup(pid: int, c: Container) -> bool:
-    """pid sits in the container's cgroup (or below) in the hierarchy that decides
-    membership: memory, else pids, else the v2 one."""
+    """pid sits in the container's cgroup (or below)."""
     from isobox.cgroups.layout import detect, parse_cgroup_file
-    ctrl = next((k for k in ("memory", "pids", "") if k in c.cgroups), None)
-    if ctrl is None or pid <= 0:
+    if pid <= 0:
         return False
     try:
         with open(f"/proc/{pid}/cgroup") as f:
             mine = parse_cgroup_file(f.read())
     except OSError:
         return False
-    h = detect().hierarchy(ctrl)
-    path = mine.get(ctrl if h is not None and h.version == 1 else "")
-    if h is None or path is None:
+    return member(detect(), mine, c.cgroups)
+
+
+def member(layout: Layout, mine: dict[str, str], tops: dict[str, str]) -> bool:
+    """A process whose /proc/PID/cgroup parses to `mine` lies in or below the container's
+    cgroup `tops` in the hierarchy that decides membership: memory, else pids, else the v2 one.
+    A cgroup shown as deleted never matches: a new container may have made the same path."""
+    from isobox.cgroups.layout import process_dir
+    ctrl = next((k for k in ("memory", "pids", "") if k in tops), None)
+    h = layout.hierarchy(ctrl) if ctrl is not None else None
+    if h is None or mine.get(ctrl if h.version == 1 else "", "").endswith(" (deleted)"):
         return False
-    host = os.path.normpath(h.mountpoint + "/" + path.lstrip("/"))
-    top = c.cgroups[ctrl]
-    return host == top or host.startswith(top.rstrip("/") + "/")
+    host = process_dir(h, mine)
+    top = tops[ctrl]
+    return host is not None and (host == top or host.startswith(top.rstrip("/") + "/"))
 
 
 def _dead(c: Container) -> bool:
+    """The container's init is gone: exited (a zombie too), or its pid now names another
+    process."""
     if c.init_pid <= 0:
         return boottime() - c.created > 120       # create never finished
-    try:
-        with open(f"/proc/{c.init_pid}/stat") as f:
-            start = int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
-        return True
-    return bool(c.init_start) and start != c.init_start
+    start = proc_starttime(c.init_pid)
+    return start is None or (bool(c.init_start) and start != c.init_start)
 
 
 def _allow_push() -> bool:
