@@ -5,6 +5,7 @@ isobox.cli.image.build_busybox_rootfs, packed as a plain rootfs tar (for `podman
 an OCI image archive with correct sha256 digests (for `ctr images import`)."""
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import io
@@ -60,10 +61,10 @@ def _blob(blobs: dict, data: bytes, media: str) -> dict:
     return {"mediaType": media, "digest": "sha256:" + d, "size": len(data)}
 
 
-def oci_archive(dest: str, ref: str, layer_tar: str | None = None) -> str:
+def oci_archive(dest: str, ref: str, layer_tar: str | None = None, cmd: tuple[str, ...] = ("/bin/sh",)) -> str:
     """An OCI image layout tar (oci-layout, index.json, blobs/sha256/*) with one gzip layer: the
     rootfs tar layer_tar (the e2e conftest's busybox_tar) or a busybox rootfs built here;
-    annotated with ref so `ctr images import` names it."""
+    annotated with ref so `ctr images import` names it; cmd is the image's Cmd."""
     if layer_tar:
         with open(layer_tar, "rb") as f:
             raw = f.read()
@@ -79,7 +80,7 @@ def oci_archive(dest: str, ref: str, layer_tar: str | None = None) -> str:
     config = {
         "architecture": GOARCH, "os": "linux", "created": "1970-01-01T00:00:00Z",
         "config": {"Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-                   "Cmd": ["/bin/sh"], "WorkingDir": "/"},
+                   "Cmd": list(cmd), "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": [diff_id]},
         "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "isobox e2e busybox"}],
     }
@@ -248,3 +249,70 @@ def ids_held_by(names) -> list:
     from isobox.ids.allocator import Allocator
     names = set(names)
     return [(h, b) for h, b in Allocator().holders() if h.container_id in names]
+
+
+def containerd_config(root: str, state: str, sock: str, rest: str, top: str = "") -> str:
+    """A version-2 containerd config of the tests' own: root, state and socket, no debug or
+    metrics listener; `top` adds top-level keys, `rest` the plugin tables."""
+    return f"""version = 2
+root = "{root}"
+state = "{state}"
+{top}
+[grpc]
+  address = "{sock}"
+
+[ttrpc]
+  address = "{sock}.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+
+{rest}"""
+
+
+@contextlib.contextmanager
+def own_containerd(config: str, sock: str, root: str, state: str, engine: str, log_path: str):
+    """A containerd of the tests' own (config file `config`: own root, state and socket), every
+    isobox-runc call it makes recorded in ARGV_DIR/<engine>.jsonl; yields its Popen once it
+    answers. Afterwards it is stopped by pid, what it left mounted under root or state is
+    unmounted, root, state and the sockets go, and so do the /run/containerd directories it
+    made (ctr's FIFOs, the shims' sockets and their runtime's --root live there whatever the
+    state dir says) once empty."""
+    for d in (root, state, ARGV_DIR):
+        os.makedirs(d, exist_ok=True)
+    shared = [d for d in ("/run/containerd/runc", "/run/containerd/fifo", "/run/containerd/s", "/run/containerd")
+              if not os.path.exists(d)]
+    record = argv_log(engine)
+    env = dict(os.environ, ISOBOX_ARGV_LOG=record)
+    log = open(log_path, "wb")
+    proc = subprocess.Popen(["containerd", "--config", config], stdout=log, stderr=subprocess.STDOUT,
+                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+    try:
+        ok = wait_for(lambda: proc.poll() is not None or
+                      run(["ctr", "-a", sock, "version"], check=False, timeout=10).returncode == 0, 30)
+        with open(log_path, errors="replace") as f:
+            assert ok and proc.poll() is None, f.read()[-3000:]
+        yield proc
+    finally:
+        kill_pid(proc.pid)
+        log.close()
+        with open("/proc/self/mountinfo") as f:
+            mnts = [l.split()[4] for l in f if root in l.split()[4] or state in l.split()[4]]
+        for m in sorted(mnts, key=len, reverse=True):
+            subprocess.run(["umount", "-l", m], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
+        for r in roots_in(read_argv(record)):  # the shims' isobox-runc --root, emptied by delete
+            if r.startswith("/run/containerd/") and os.path.isdir(r) and not os.listdir(r):
+                os.rmdir(r)
+        for d in shared:  # only what this containerd made, and only if empty
+            try:
+                os.rmdir(d)
+            except OSError:
+                pass
+        for p in (sock, sock + ".ttrpc"):
+            if os.path.exists(p):
+                os.unlink(p)

@@ -20,8 +20,8 @@ import uuid
 import pytest
 
 from conftest import leftovers
-from e2e.engine_fixtures import (ARGV_DIR, E2E_LIB, E2E_RUN, ISOBOX_RUNC, argv_forms, argv_log, ids_held_by,
-                                 kill_pid, oci_archive, proc_uid_map, read_argv, roots_in, run, run_pty, uid_map_base,
+from e2e.engine_fixtures import (ARGV_DIR, E2E_LIB, E2E_RUN, ISOBOX_RUNC, argv_forms, containerd_config, ids_held_by,
+                                 oci_archive, own_containerd, proc_uid_map, read_argv, roots_in, run, run_pty, uid_map_base,
                                  wait_for)
 
 pytestmark = pytest.mark.skipif(not (shutil.which("containerd") and shutil.which("ctr")
@@ -36,29 +36,13 @@ SOCK = os.path.join(E2E_RUN, "containerd.sock")
 ARGV_LOG = os.path.join(ARGV_DIR, "containerd.jsonl")
 RUNC_V2 = "io.containerd.runc.v2"
 
-CONFIG = f"""version = 2
-root = "{ROOT}"
-state = "{STATE}"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-
-[grpc]
-  address = "{SOCK}"
-
-[ttrpc]
-  address = "{SOCK}.ttrpc"
-
-[debug]
-  address = ""
-
-[metrics]
-  address = ""
-
+CONFIG = containerd_config(ROOT, STATE, SOCK, f"""\
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.isobox]
   runtime_type = "{RUNC_V2}"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.isobox.options]
     BinaryName = "{ISOBOX_RUNC}"
     SystemdCgroup = false
-"""
+""", top='disabled_plugins = ["io.containerd.grpc.v1.cri"]\n')
 
 
 class Ctr:
@@ -96,50 +80,18 @@ def containerd(tmp_path_factory, busybox_tar):
     tmp = tmp_path_factory.mktemp("containerd")
     cfg = tmp / "config.toml"
     cfg.write_text(CONFIG)
-    for d in (ROOT, STATE, ARGV_DIR):
-        os.makedirs(d, exist_ok=True)
-    # ctr's FIFOs and the shims' sockets live in /run/containerd whatever the state dir says
-    shared = [d for d in ("/run/containerd/runc", "/run/containerd/fifo", "/run/containerd/s", "/run/containerd")
-              if not os.path.exists(d)]
-    env = dict(os.environ, ISOBOX_ARGV_LOG=argv_log("containerd"))
-    log = open(tmp / "containerd.log", "wb")
-    ctr = None
-    proc = subprocess.Popen(["containerd", "--config", str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-    try:
-        ok = wait_for(lambda: proc.poll() is not None or
-                      run(["ctr", "-a", SOCK, "version"], check=False, timeout=10).returncode == 0, 30)
-        assert ok and proc.poll() is None, (tmp / "containerd.log").read_text()[-3000:]
+    with own_containerd(str(cfg), SOCK, ROOT, STATE, "containerd", str(tmp / "containerd.log")):
         ctr = Ctr(SOCK)
-        ctr("images", "import", "--all-platforms", oci_archive(str(tmp / "busybox-oci.tar"), IMAGE, busybox_tar))
-        ctr.config = str(cfg)
-        yield ctr
-    finally:
-        for name in set(ctr.names if ctr else ()):  # whatever a failed test left
-            try:
-                ctr.remove(name)
-            except Exception:  # noqa: BLE001 - teardown must go on
-                pass
-        kill_pid(proc.pid)
-        log.close()
-        # the shims of already-deleted tasks are gone; unmount anything containerd left, then remove
-        with open("/proc/self/mountinfo") as f:
-            mnts = [l.split()[4] for l in f if ROOT in l.split()[4] or STATE in l.split()[4]]
-        for m in sorted(mnts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
-        shutil.rmtree(ROOT, ignore_errors=True)
-        shutil.rmtree(STATE, ignore_errors=True)
-        for root in roots_in(read_argv(ARGV_LOG)):  # the shim's isobox-runc --root, emptied by delete
-            if root.endswith("/" + NS) and os.path.isdir(root) and not os.listdir(root):
-                os.rmdir(root)
-        for d in shared:  # only what this fixture made, and only if empty
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
-        for p in (SOCK, SOCK + ".ttrpc"):
-            if os.path.exists(p):
-                os.unlink(p)
+        try:
+            ctr("images", "import", "--all-platforms", oci_archive(str(tmp / "busybox-oci.tar"), IMAGE, busybox_tar))
+            ctr.config = str(cfg)
+            yield ctr
+        finally:
+            for name in set(ctr.names):  # whatever a failed test left
+                try:
+                    ctr.remove(name)
+                except Exception:  # noqa: BLE001 - teardown must go on
+                    pass
 
 
 def _isobox_root(name: str) -> str:

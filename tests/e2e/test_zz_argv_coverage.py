@@ -22,7 +22,8 @@ CONMON_LOG = ("--log", "--log-format")
 COVERED: dict[tuple[str, tuple[str, ...]], str] = {
     # go-runc's Version() (dockerd's info, podman info)
     ("", ("--version",)): f"{FORMS}::test_version_form",
-    # containerd-shim-runc-v2 (dockerd 20.10 and containerd 1.6): --root, --log, --log-format json everywhere
+    # containerd-shim-runc-v2 (dockerd 20.10, containerd 1.6 and its CRI plugin): --root, --log,
+    # --log-format json everywhere
     ("create", tuple(sorted(("--bundle", "--pid-file") + SHIM))):
         f"{FORMS}::test_shim_create_pid_file_start_delete_force",
     ("create", tuple(sorted(("--bundle", "--console-socket", "--pid-file") + SHIM))):
@@ -33,6 +34,8 @@ COVERED: dict[tuple[str, tuple[str, ...]], str] = {
     ("exec", tuple(sorted(("--console-socket", "--detach", "--pid-file", "--process") + SHIM))):
         f"{FORMS}::test_shim_exec_console_socket_detach",
     ("kill", SHIM): f"{CONF}::test_driven_like_containerds_shim",
+    # the CRI plugin's shim, after kill (tests/e2e/test_cri.py)
+    ("kill", tuple(sorted(("--all",) + SHIM))): f"{FORMS}::test_shim_kill_all_reaches_what_a_shared_pid_namespace_leaves",
     ("delete", SHIM): f"{CONF}::test_driven_like_containerds_shim",
     ("delete", tuple(sorted(("--force",) + SHIM))): f"{FORMS}::test_shim_create_pid_file_start_delete_force",
     ("pause", SHIM): f"{FORMS}::test_shim_pause_resume_ps_update",

@@ -125,6 +125,57 @@ def test_shim_kill_then_delete(runtime, shim_container):
     assert shim("delete", cid).returncode == 0
 
 
+def _shim_started(runtime, bundle: str) -> tuple[Shim, str, int]:
+    shim, cid = Shim(runtime, bundle), runtime.new_id()
+    pid_file = os.path.join(bundle, "init.pid")
+    r = shim("create", "--bundle", bundle, "--pid-file", pid_file, cid, cwd=bundle)
+    assert r.returncode == 0, r.stderr
+    assert shim("start", cid).returncode == 0
+    return shim, cid, int(open(pid_file).read())
+
+
+def test_shim_kill_all_reaches_what_a_shared_pid_namespace_leaves(runtime, busybox_rootfs):
+    """kill --all, which the shim sends after kill: every process still in the container's
+    cgroup, also once its init is gone (in a joined pid namespace the init's death does not
+    end its children), and no error for a stopped container, as runc."""
+    first = _shim_started(runtime, runtime.bundle(busybox_rootfs, ["sleep", "300"]))[2]
+
+    def join_pid(spec: dict) -> None:
+        for ns in spec["linux"]["namespaces"]:
+            if ns["type"] == "pid":
+                ns["path"] = f"/proc/{first}/ns/pid"
+
+    bundle = runtime.bundle(busybox_rootfs, ["sh", "-c", "sleep 301 & sleep 302 & wait"], edit=join_pid)
+    shim, cid, init = _shim_started(runtime, bundle)
+    init_cg = open(f"/proc/{init}/cgroup").read()
+    for _ in range(100):
+        children = [p for p in _cgroup_procs(init_cg) if p != init]
+        if len(children) == 2:
+            break
+        time.sleep(0.02)
+    assert len(children) == 2, children
+    assert shim("kill", cid, "9").returncode == 0
+    assert _wait_status(runtime, cid, "stopped")
+    assert all(os.path.exists(f"/proc/{p}") for p in children)   # left alive by the init's death
+    assert shim("kill", cid, "9").returncode != 0                 # a plain kill: not running
+    r = shim("kill", "--all", cid, "9")
+    assert r.returncode == 0, r.stderr
+    for _ in range(250):
+        if not _cgroup_procs(init_cg):
+            break
+        time.sleep(0.02)
+    assert _cgroup_procs(init_cg) == []
+    assert shim("kill", "--all", cid, "9").returncode == 0         # nothing left: still no error
+    assert shim("delete", cid).returncode == 0
+
+
+def _cgroup_procs(proc_cgroup: str) -> list[int]:
+    """The pids in the memory cgroup a /proc/PID/cgroup text names."""
+    mem = next(l.split(":", 2)[2].strip() for l in proc_cgroup.splitlines() if ":memory:" in l)
+    with open(f"/sys/fs/cgroup/memory{mem}/cgroup.procs") as f:
+        return [int(p) for p in f.read().split()]
+
+
 # ---------------------------------------------------------------------------- Podman (conmon)
 @pytest.fixture
 def default_root_ids():

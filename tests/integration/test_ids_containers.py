@@ -115,6 +115,47 @@ def test_joining_network_namespace_shares_user_namespace_and_range(runtime, busy
     assert leftovers(first) == [] and leftovers(second) == []
 
 
+@pytest.fixture
+def host_netns():
+    """A network namespace made in the host's user namespace, as CNI makes a pod's."""
+    name = "isobox-t" + os.urandom(4).hex()
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True)
+    yield f"/run/netns/{name}"
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_a_host_owned_netns_is_joined_before_the_shared_user_namespace(runtime, busybox_rootfs, host_netns):
+    """The Kubernetes pod shape: the sandbox joins the engine's netns; the pod's container
+    joins that netns and the sandbox's IPC namespace, and so its user namespace. After
+    setns(user) the host-owned netns would be EPERM, so it is joined first; exec likewise."""
+    def into(ns_paths: dict):
+        def edit(spec: dict) -> None:
+            for ns in spec["linux"]["namespaces"]:
+                if ns["type"] in ns_paths:
+                    ns["path"] = ns_paths[ns["type"]]
+        return edit
+
+    sandbox = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=into({"network": host_netns})))
+    pid1 = _pid(runtime, sandbox)
+    app = _create(runtime, _sleeper(runtime, busybox_rootfs,
+                                    edit=into({"network": host_netns, "ipc": f"/proc/{pid1}/ns/ipc"})))
+    pid2 = _pid(runtime, app)
+    netns = os.stat(host_netns).st_ino
+    for pid in (pid1, pid2):
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == netns
+    for ns in ("user", "ipc"):
+        assert os.stat(f"/proc/{pid1}/ns/{ns}").st_ino == os.stat(f"/proc/{pid2}/ns/{ns}").st_ino, ns
+    assert _uid_map(pid1) == _uid_map(pid2) and _uid_map(pid1)[1] >= 1048576
+    runtime("start", app, check=True)
+    r = runtime("exec", app, "sh", "-c", "readlink /proc/self/ns/net; cat /proc/self/uid_map")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[0] == f"net:[{netns}]" and r.stdout.split()[2] == str(_uid_map(pid1)[1])
+    for c in (app, sandbox):
+        runtime("delete", "--force", c, check=True)
+    assert ids_held(runtime.root) == []
+    assert leftovers(sandbox) == [] and leftovers(app) == []
+
+
 def test_gc_reclaims_range_of_crashed_container(runtime, busybox_rootfs):
     from isobox.cgroups.layout import detect
     from isobox.cgroups.manager import ContainerCgroup

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 
-from isobox.init import channel, console, container
+from isobox.init import channel, console, container, nsjoin
 from isobox.linux import syscalls as k
 from isobox.spec.plan import Process
 
-# user first: joining it grants the capabilities the other setns calls need there
+# user first (after any namespace it does not own, see nsjoin): joining it grants the
+# capabilities the other setns calls need there
 ORDER = (("user", k.CLONE_NEWUSER), ("ipc", k.CLONE_NEWIPC), ("uts", k.CLONE_NEWUTS), ("net", k.CLONE_NEWNET),
          ("cgroup", k.CLONE_NEWCGROUP), ("pid", k.CLONE_NEWPID), ("mnt", k.CLONE_NEWNS))
 
@@ -33,9 +34,10 @@ def helper(ns: dict[str, int], go_r: int, report_w: int, proc: Process, console_
         if seccomp is not None:
             from isobox.seccomp import installer
             inst = installer(seccomp)          # connects any listener socket while host paths resolve
-        for name, flag in ORDER:
-            k.setns(ns[name], flag)
-            os.close(ns[name])
+        others = [(ns[name], flag) for name, flag in ORDER if name != "user"]
+        for fd, flag in nsjoin.user_order(others, ns["user"]):
+            k.setns(fd, flag)
+            os.close(fd)
         y = os.fork()
         if y == 0:
             _process(proc, report_w, console_sock, preserve, inst)

@@ -17,7 +17,7 @@ import _signal  # keep: also loads it for the container init, which imports it p
 from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
-from isobox.init import builder, channel, container
+from isobox.init import builder, channel, container, nsjoin
 from isobox.linux import syscalls as k
 from isobox.spec.plan import Plan
 
@@ -38,14 +38,19 @@ def _open_ns(path: str) -> int:
 
 
 def _join_paths(plan: Plan) -> list[tuple[str, int]]:
-    """(path, flag) for each namespace to join, user namespace first."""
-    out = []
-    if plan.join_user:
-        out.append((plan.join_user, k.CLONE_NEWUSER))
+    """(path, flag) for each namespace to join, in nsjoin's order around the user namespace."""
     flags = dict((n, f) for n, f in _NS_ORDER)
-    for t, path in plan.join_namespaces.items():
-        out.append((path, flags[_SPEC_TO_PROC[t]]))
-    return out
+    joins = [(path, flags[_SPEC_TO_PROC[t]]) for t, path in plan.join_namespaces.items()]
+    if not plan.join_user:
+        return joins
+    fds = {path: _open_ns(path) for path in [plan.join_user, *(p for p, _ in joins)]}
+    try:
+        ordered = nsjoin.user_order([(fds[p], f) for p, f in joins], fds[plan.join_user])
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    path_of = {fd: p for p, fd in fds.items()}
+    return [(path_of[fd], f) for fd, f in ordered]
 
 
 def _clone_flags(plan: Plan) -> int:

@@ -121,16 +121,40 @@ def _signal_init(st: ContainerState, sig: int) -> None:
 
 def kill(store: StateStore, cid: str, sig: int, all_processes: bool = False) -> None:
     st = store.load(cid)
-    if status(store, st) == "stopped":
-        raise IsoboxError("container not running")
     if not all_processes:
+        if status(store, st) == "stopped":
+            raise IsoboxError("container not running")
         _signal_init(st, sig)
         return
-    for pid in cgroup_of(st).pids():
+    # --all: every process in the container's cgroup, even once the init is gone (the shim
+    # sends it after kill, for what a shared pid namespace may leave behind), as runc does
+    _signal_cgroup(cgroup_of(st), sig)
+
+
+def _signal_cgroup(cg, sig: int) -> None:
+    """Signals what is in the cgroup. For SIGKILL the cgroup is frozen meanwhile, so a
+    process forking in between cannot leave a child unsignalled; the thaw lets them die."""
+    pids = cg.pids()
+    if not pids:
+        return
+    frozen = False
+    if sig == signal.SIGKILL:
+        from isobox.cgroups.layout import CgroupError
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
+            cg.freeze()
+            frozen = True
+            pids = cg.pids()
+        except CgroupError:
+            pass                                   # no freezer: signal what is there
+    try:
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    finally:
+        if frozen:
+            cg.thaw()
 
 
 def delete(store: StateStore, cid: str, force: bool = False, log=None) -> None:

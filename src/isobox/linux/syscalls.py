@@ -27,6 +27,8 @@ CLONE_NEWNET = 0x40000000
 CLONE_FILES = 0x00000400
 CLONE_FS = 0x00000200
 
+NS_GET_USERNS = 0xB701  # linux/nsfs.h: _IO(0xb7, 0x1)
+
 NS_FLAGS = {
     "mnt": CLONE_NEWNS, "cgroup": CLONE_NEWCGROUP, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC,
     "user": CLONE_NEWUSER, "pid": CLONE_NEWPID, "net": CLONE_NEWNET, "time": CLONE_NEWTIME,
@@ -142,6 +144,11 @@ def unshare(flags: int) -> None:
 
 def setns(fd: int, nstype: int = 0) -> None:
     _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), "setns", hex(nstype))
+
+
+def ioctl_ns_get_userns(fd: int) -> int:
+    """A new fd of the user namespace that owns the namespace `fd` refers to."""
+    return _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(NS_GET_USERNS)), "ioctl(NS_GET_USERNS)")
 
 
 def clone(flags: int) -> int:
