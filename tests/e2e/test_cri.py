@@ -71,13 +71,13 @@ class Cri:
         self.rt = rpc.RuntimeServiceStub(channel)
         self.pods: list[str] = []
 
-    def run_pod(self, privileged: bool = False, network: int = 0) -> tuple[str, object]:
+    def run_pod(self, privileged: bool = False, network: int = 0, sysctls: dict | None = None) -> tuple[str, object]:
         pb, name = self.pb, "p" + uuid.uuid4().hex[:10]
         ctx = pb.LinuxSandboxSecurityContext(privileged=privileged, namespace_options=self.namespaces(network))
         cfg = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace="isobox-e2e"),
             hostname=name, linux=pb.LinuxPodSandboxConfig(cgroup_parent=f"{CGROUP_PARENT}/{name}",
-                                                          security_context=ctx))
+                                                          security_context=ctx, sysctls=sysctls or {}))
         sandbox = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler="isobox")).pod_sandbox_id
         self.pods.append(sandbox)
         return sandbox, cfg
@@ -195,8 +195,8 @@ def _host_uids(pid: int) -> list[int]:
 def test_pod_runs_in_one_isobox_range_shared_by_its_containers(cri):
     """The sandbox gets an exclusive range; the pod's container joins the sandbox's user
     namespace and range (as Sysbox does for pods), and the CNI network namespace the engine
-    made in the host's user namespace."""
-    sandbox, cfg = cri.run_pod()
+    made in the host's user namespace, where the pod's net.* sysctls are set."""
+    sandbox, cfg = cri.run_pod(sysctls={"net.ipv4.ip_unprivileged_port_start": "80"})
     pause = cri.pod_pid(sandbox)
     base, size = proc_uid_map(pause)
     assert base >= 65536 and size == 65536
@@ -207,9 +207,11 @@ def test_pod_runs_in_one_isobox_range_shared_by_its_containers(cri):
         assert _ns(pid, kind) == _ns(pause, kind), kind
     assert _ns(pid, "pid") != _ns(pause, "pid") and _ns(pid, "mnt") != _ns(pause, "mnt")
     assert _host_uids(pid) == [base] * 4            # container root is an unprivileged host user
-    out = cri.exec(app, "cat /proc/self/uid_map; id -u; ip -4 -o addr show eth0")
+    out = cri.exec(app, "cat /proc/self/uid_map; id -u; ip -4 -o addr show eth0; "
+                        "cat /proc/sys/net/ipv4/ip_unprivileged_port_start")
     assert uid_map_base(out) == base and "\n0\n" in out
     assert f"inet {SUBNET}." in out, out              # the pod's CNI address, seen from the container
+    assert out.split()[-1] == "80"                    # the pod's sysctl, set in the pod's netns
     cri.remove_pod(sandbox)
     assert ids_held_by([sandbox, app]) == []
     assert leftovers(sandbox) == [] and leftovers(app) == []

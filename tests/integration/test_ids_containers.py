@@ -127,7 +127,8 @@ def host_netns():
 def test_a_host_owned_netns_is_joined_before_the_shared_user_namespace(runtime, busybox_rootfs, host_netns):
     """The Kubernetes pod shape: the sandbox joins the engine's netns; the pod's container
     joins that netns and the sandbox's IPC namespace, and so its user namespace. After
-    setns(user) the host-owned netns would be EPERM, so it is joined first; exec likewise."""
+    setns(user) the host-owned netns would be EPERM, so it is joined first; exec likewise.
+    The sandbox may set net.* sysctls there, the containers joining it may not."""
     def into(ns_paths: dict):
         def edit(spec: dict) -> None:
             for ns in spec["linux"]["namespaces"]:
@@ -135,10 +136,26 @@ def test_a_host_owned_netns_is_joined_before_the_shared_user_namespace(runtime, 
                     ns["path"] = ns_paths[ns["type"]]
         return edit
 
-    sandbox = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=into({"network": host_netns})))
+    def with_sysctl(edit):
+        def both(spec: dict) -> None:
+            edit(spec)
+            spec["linux"]["sysctl"] = {"net.ipv4.ip_unprivileged_port_start": "123"}
+        return both
+
+    # the pod's net.* sysctls go on the sandbox, into the engine's netns (no other container's)
+    sandbox = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=with_sysctl(into({"network": host_netns}))))
     pid1 = _pid(runtime, sandbox)
-    app = _create(runtime, _sleeper(runtime, busybox_rootfs,
-                                    edit=into({"network": host_netns, "ipc": f"/proc/{pid1}/ns/ipc"})))
+    r = subprocess.run(["nsenter", f"--net={host_netns}", "cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
+                       capture_output=True, text=True)
+    assert r.stdout.strip() == "123", r.stderr
+    joined = {"network": host_netns, "ipc": f"/proc/{pid1}/ns/ipc"}
+    # ...but not by a container joining namespaces another isobox container lives in
+    refused = runtime.new_id()
+    p, err = _popen_create(runtime, _sleeper(runtime, busybox_rootfs, edit=with_sysctl(into(joined))), refused)
+    assert p.wait(timeout=60) != 0
+    assert "sysctl net.ipv4.ip_unprivileged_port_start is not namespaced to this container" in open(err).read()
+    assert leftovers(refused) == [] and not os.path.exists(os.path.join(runtime.root, refused))
+    app = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=into(joined)))
     pid2 = _pid(runtime, app)
     netns = os.stat(host_netns).st_ino
     for pid in (pid1, pid2):

@@ -69,7 +69,10 @@ def _host_ns(procname: str) -> set[tuple[int, int]]:
     return out
 
 
-def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, str], str, str, tuple | None]:
+def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, str], str, str, tuple | None, set[str]]:
+    """(new namespace flags, joined paths by type, user namespace to join, the container whose
+    namespaces are joined and its ownership record, the joined types no isobox container lives
+    in: an engine made them for this container, as containerd's CRI plugin makes a pod's netns)."""
     present: dict[str, str] = {}
     for ns in linux.get("namespaces", []):
         t = ns["type"]
@@ -92,6 +95,7 @@ def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, st
     new_flags = 0
     join: dict[str, str] = {}
     owner = None   # the isobox container whose namespaces are joined
+    unowned: set[str] = set()
     for t, path in present.items():
         procname, flag = NS_TYPES[t]
         if not path:
@@ -104,7 +108,9 @@ def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, st
         if t == "user" and not found:
             raise IsoboxError(f"user namespace {path} does not belong to an isobox container; "
                               "isobox only joins the user namespaces of its own containers")
-        if found:
+        if not found:
+            unowned.add(t)
+        else:
             if owner and owner[0] != found[0]:
                 raise IsoboxError(f"namespaces of two different containers ({owner[0]}, {found[0]}) cannot be joined")
             owner = found
@@ -115,7 +121,7 @@ def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, st
         # container root would hold no capability over what it joined.
         join_user = join.pop("user", "") or f"/proc/{owner[1]}/ns/user"
         new_flags &= ~k.CLONE_NEWUSER
-    return new_flags, join, join_user, owner[0] if owner else "", owner
+    return new_flags, join, join_user, owner[0] if owner else "", owner, unowned
 
 
 def _mapping(linux: dict, owner: tuple | None) -> tuple[int, int, int, bool]:
@@ -214,17 +220,21 @@ def _devices(linux: dict, notes: list[str], pol) -> list[Device]:
     return list(out.values())
 
 
-def _sysctl(linux: dict, join: dict[str, str]) -> dict[str, str]:
+def _sysctl(linux: dict, join: dict[str, str], unowned: set[str]) -> dict[str, str]:
+    """Sysctls of namespaces that are this container's own: new ones, or joined ones no other
+    isobox container lives in (a pod sandbox's CNI netns: CRI puts the pod's net.* sysctls,
+    and containerd 2.x its unprivileged port and ping ranges, on the sandbox)."""
     out = {}
     for name, val in (linux.get("sysctl") or {}).items():
         if name in _IPC_SYSCTLS or name.startswith("fs.mqueue."):
-            ok = "ipc" not in join
+            kind = "ipc"
         elif name.startswith("net."):
-            ok = "network" not in join
+            kind = "network"
         elif name in _UTS_SYSCTLS:
-            ok = "uts" not in join
+            kind = "uts"
         else:
-            ok = False
+            kind = ""
+        ok = bool(kind) and (kind not in join or kind in unowned)
         if not ok:
             raise IsoboxError(f"sysctl {name} is not namespaced to this container; isobox only sets namespaced sysctls")
         if not isinstance(val, str):
@@ -266,7 +276,7 @@ def rewrite(cid: str, bundle: str, spec: dict, find_owner: OwnerLookup) -> Plan:
     rule = pol.path_rule(os.path.realpath(rootfs), below=False)
     if rule:
         raise IsoboxError(f"rootfs {rootfs} refused by {pol.path} ({rule})")
-    new_flags, join, join_user, shares, owner = _namespaces(linux, find_owner)
+    new_flags, join, join_user, shares, owner, unowned = _namespaces(linux, find_owner)
     uid_base, gid_base, size, explicit = _mapping(linux, owner)
     notes: list[str] = []
     masked = list(dict.fromkeys([*linux.get("maskedPaths", []), *DEFAULT_MASKED]))
@@ -288,7 +298,7 @@ def rewrite(cid: str, bundle: str, spec: dict, find_owner: OwnerLookup) -> Plan:
         uid_base=uid_base, gid_base=gid_base, id_size=size, explicit_mapping=explicit,
         mounts=_mounts(spec), masked_paths=masked, readonly_paths=readonly,
         devices=_devices(linux, notes, pol),
-        hostname=hostname, domainname=spec.get("domainname", "") or "", sysctl=_sysctl(linux, join),
+        hostname=hostname, domainname=spec.get("domainname", "") or "", sysctl=_sysctl(linux, join, unowned),
         cgroups_path=_cgroups_path(cid, linux), resources=linux.get("resources") or {},
         process=process_from_spec(spec["process"]), annotations=spec.get("annotations") or {}, notes=notes,
         policy=pol, hooks=_hooks(spec), seccomp=sec, seccomp_trap_socket=trap)
