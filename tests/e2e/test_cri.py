@@ -87,12 +87,12 @@ class Cri:
         container (CONTAINER), the pod's network and IPC (POD) unless host ones (NODE)."""
         return self.pb.NamespaceOption(network=network, pid=1, ipc=0)
 
-    def start(self, sandbox: str, cfg, args: list[str], privileged: bool = False) -> str:
+    def start(self, sandbox: str, cfg, args: list[str], privileged: bool = False, resources=None) -> str:
         pb = self.pb
         c = self.rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sandbox, sandbox_config=cfg, config=pb.ContainerConfig(
                 metadata=pb.ContainerMetadata(name="app"), image=pb.ImageSpec(image=IMAGE), command=args,
-                linux=pb.LinuxContainerConfig(security_context=pb.LinuxContainerSecurityContext(
+                linux=pb.LinuxContainerConfig(resources=resources, security_context=pb.LinuxContainerSecurityContext(
                     privileged=privileged, namespace_options=self.namespaces()))))).container_id
         self.rt.StartContainer(pb.StartContainerRequest(container_id=c))
         return c
@@ -238,6 +238,28 @@ def test_privileged_pod_stays_isolated(cri):
     assert "fuse" in out.splitlines()[3]
     cri.remove_pod(sandbox)
     assert ids_held_by([sandbox, app]) == [] and leftovers(app) == []
+
+
+def test_container_limits_land_in_the_pods_cgroup_and_show_inside(cri):
+    """The kubelet's limits: the container's cgroup lies below the pod's cgroup_parent (where the
+    kubelet accounts the pod), carries the memory and CPU limits, and the container's
+    /proc/meminfo shows the memory limit as its total."""
+    sandbox, cfg = cri.run_pod()
+    limit = 96 << 20
+    app = cri.start(sandbox, cfg, ["sleep", "300"], resources=cri.pb.LinuxContainerResources(
+        memory_limit_in_bytes=limit, cpu_period=100000, cpu_quota=50000))
+    with open(f"/proc/{cri.container_pid(app)}/cgroup") as f:
+        paths = {c: p.strip() for line in f for _, cs, p in [line.split(":", 2)] for c in cs.split(",")}
+    pod_cgroup = cfg.linux.cgroup_parent
+    assert paths["memory"].startswith(pod_cgroup + "/") and paths["cpu"].startswith(pod_cgroup + "/"), paths
+    with open(f"/sys/fs/cgroup/memory{paths['memory']}/memory.limit_in_bytes") as f:
+        assert int(f.read()) == limit
+    with open(f"/sys/fs/cgroup/cpu{paths['cpu']}/cpu.cfs_quota_us") as f:
+        assert int(f.read()) == 50000
+    out = cri.exec(app, "grep MemTotal /proc/meminfo")
+    assert out.split()[1] == str(limit >> 10), out
+    cri.remove_pod(sandbox)
+    assert leftovers(app) == [] and leftovers(sandbox) == []
 
 
 def test_host_network_pod_is_refused_with_isoboxs_line(cri):
