@@ -308,6 +308,8 @@ def own_containerd(config: str, sock: str, root: str, state: str, engine: str, l
         for r in roots_in(read_argv(record)):  # the shims' isobox-runc --root, emptied by delete
             if r.startswith("/run/containerd/") and os.path.isdir(r) and not os.listdir(r):
                 os.rmdir(r)
+        if "/run/containerd/s" in shared:  # the shims of removed tasks unlink their sockets as they exit
+            wait_for(lambda: not os.listdir("/run/containerd/s") if os.path.isdir("/run/containerd/s") else True, 5)
         for d in shared:  # only what this containerd made, and only if empty
             try:
                 os.rmdir(d)

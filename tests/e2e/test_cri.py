@@ -15,9 +15,11 @@ with "can't get final child's PID from pipe"; isobox says why). The option clamp
 containerd's own, as on any node without that capability."""
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import pathlib
 import shutil
 import sys
 import uuid
@@ -71,14 +73,15 @@ class Cri:
         self.rt = rpc.RuntimeServiceStub(channel)
         self.pods: list[str] = []
 
-    def run_pod(self, privileged: bool = False, network: int = 0, sysctls: dict | None = None) -> tuple[str, object]:
+    def run_pod(self, privileged: bool = False, network: int = 0, sysctls: dict | None = None,
+                handler: str = "isobox") -> tuple[str, object]:
         pb, name = self.pb, "p" + uuid.uuid4().hex[:10]
         ctx = pb.LinuxSandboxSecurityContext(privileged=privileged, namespace_options=self.namespaces(network))
         cfg = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace="isobox-e2e"),
             hostname=name, linux=pb.LinuxPodSandboxConfig(cgroup_parent=f"{CGROUP_PARENT}/{name}",
                                                           security_context=ctx, sysctls=sysctls or {}))
-        sandbox = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler="isobox")).pod_sandbox_id
+        sandbox = self.rt.RunPodSandbox(pb.RunPodSandboxRequest(config=cfg, runtime_handler=handler)).pod_sandbox_id
         self.pods.append(sandbox)
         return sandbox, cfg
 
@@ -132,10 +135,12 @@ def _client(out: str):
     return pb, rpc
 
 
-@pytest.fixture(scope="module")
-def cri(tmp_path_factory, busybox_tar):
+@contextlib.contextmanager
+def cri_node(tmp: pathlib.Path, busybox_tar: str, engine: str = "cri"):
+    """A node's containerd with the CRI plugin, isobox installed into its config, the CNI bridge
+    and the two images; yields the kubelet's side (Cri). Everything goes afterwards: the pods
+    left, containerd, the bridge, the pods' cgroup parents (bench/cri uses it too)."""
     import grpc
-    tmp = tmp_path_factory.mktemp("cri")
     pb, rpc = _client(str(tmp))
     conf_dir = tmp / "net.d"
     conf_dir.mkdir()
@@ -144,9 +149,8 @@ def cri(tmp_path_factory, busybox_tar):
     cfg.write_text(BASE_CONFIG.replace("{conf_dir}", str(conf_dir)))
     run(["isobox", "install", "--containerd"], env=dict(os.environ, ISOBOX_CONTAINERD_CONFIG=str(cfg)))
     bridge_was_there = os.path.exists(f"/sys/class/net/{BRIDGE}")
-    client = None
     try:
-        with own_containerd(str(cfg), SOCK, ROOT, STATE, "cri", str(tmp / "containerd.log")):
+        with own_containerd(str(cfg), SOCK, ROOT, STATE, engine, str(tmp / "containerd.log")):
             ctr = ["ctr", "-a", SOCK, "-n", K8S_NS, "images", "import", "--all-platforms"]
             run([*ctr, oci_archive(str(tmp / "pause.tar"), PAUSE, busybox_tar, cmd=("sleep", "2147483647"))])
             run([*ctr, oci_archive(str(tmp / "busybox.tar"), IMAGE, busybox_tar)])
@@ -165,6 +169,12 @@ def cri(tmp_path_factory, busybox_tar):
             run(["ip", "link", "del", BRIDGE], check=False)
         for d in sorted((os.path.join(r, CGROUP_PARENT.strip("/")) for r in _cgroup_roots()), reverse=True):
             _rmdir_tree(d)
+
+
+@pytest.fixture(scope="module")
+def cri(tmp_path_factory, busybox_tar):
+    with cri_node(tmp_path_factory.mktemp("cri"), busybox_tar) as client:
+        yield client
 
 
 def _cgroup_roots() -> list[str]:
