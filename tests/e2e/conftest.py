@@ -22,6 +22,8 @@ import uuid
 
 import pytest
 
+from e2e import rundirs
+
 
 
 def _top_conftest():
@@ -214,6 +216,7 @@ class Dockerd:
                         DOCKER_CONFIG=os.path.join(tmp, "cli"))
         self.default_runtime: str | None = None
         self.path_prefix: str | None = None     # a directory put first on dockerd's PATH (BuildKit's runc)
+        self.run_dirs = rundirs.absent()          # what its containerd makes in /run/containerd
 
     # -- daemon -----------------------------------------------------------------------
     def start(self, default_runtime: str | None = None) -> None:
@@ -254,15 +257,17 @@ class Dockerd:
         except OSError:
             return False
 
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        stop_pid(self.proc.pid, timeout=45)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            pass
-        self.proc = None
+    def stop(self, final: bool = False) -> None:
+        """final: for good (not a restart), so what its containerd made in /run/containerd goes."""
+        if self.proc is not None:
+            stop_pid(self.proc.pid, timeout=45)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+            self.proc = None
+        if final:
+            rundirs.remove(self.run_dirs)
 
     def restart(self, default_runtime: str | None = None) -> None:
         self.stop()
@@ -317,7 +322,7 @@ def dockerd(tmp_path_factory, busybox_tar):
         d("import", busybox_tar, IMAGE, check=True)
         yield d
     finally:
-        d.stop()
+        d.stop(final=True)
         for path in (DOCKER_EXEC, DOCKER_DATA):
             _umount_below(path)
             shutil.rmtree(path, ignore_errors=True)

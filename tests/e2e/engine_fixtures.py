@@ -18,6 +18,8 @@ import subprocess
 import tarfile
 import time
 
+from e2e import rundirs
+
 try:  # tests/e2e/conftest.py (pytest registers it as "conftest") owns the argv directory
     from conftest import ARGV_DIR, argv_log  # type: ignore
 except ImportError:  # pragma: no cover - run without the e2e conftest
@@ -283,8 +285,7 @@ def own_containerd(config: str, sock: str, root: str, state: str, engine: str, l
     state dir says) once empty."""
     for d in (root, state, ARGV_DIR):
         os.makedirs(d, exist_ok=True)
-    shared = [d for d in ("/run/containerd/runc", "/run/containerd/fifo", "/run/containerd/s", "/run/containerd")
-              if not os.path.exists(d)]
+    shared = rundirs.absent()
     record = argv_log(engine)
     env = dict(os.environ, ISOBOX_ARGV_LOG=record)
     log = open(log_path, "wb")
@@ -308,13 +309,7 @@ def own_containerd(config: str, sock: str, root: str, state: str, engine: str, l
         for r in roots_in(read_argv(record)):  # the shims' isobox-runc --root, emptied by delete
             if r.startswith("/run/containerd/") and os.path.isdir(r) and not os.listdir(r):
                 os.rmdir(r)
-        if "/run/containerd/s" in shared:  # the shims of removed tasks unlink their sockets as they exit
-            wait_for(lambda: not os.listdir("/run/containerd/s") if os.path.isdir("/run/containerd/s") else True, 5)
-        for d in shared:  # only what this containerd made, and only if empty
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        rundirs.remove(shared)
         for p in (sock, sock + ".ttrpc"):
             if os.path.exists(p):
                 os.unlink(p)
