@@ -249,7 +249,19 @@ def test_delete_created_container(runtime, looping):
 
 def test_delete_unknown(runtime):
     assert "container does not exist" in one_line_error(runtime("delete", "nosuchcontainer"))
-    assert "container does not exist" in one_line_error(runtime("delete", "-f", "nosuchcontainer"))
+    # --force succeeds quietly, as runc's (the shim sends it after every delete)
+    r = runtime("delete", "-f", "nosuchcontainer")
+    assert r.returncode == 0 and r.stdout == r.stderr == ""
+
+
+def test_delete_force_takes_the_state_dir_a_killed_create_left(runtime):
+    stale = os.path.join(runtime.root, "halfmade")
+    os.makedirs(stale)
+    open(os.path.join(stale, "config.json"), "w").close()
+    assert "container does not exist" in one_line_error(runtime("delete", "halfmade"))
+    assert os.path.isdir(stale)
+    assert runtime("delete", "--force", "halfmade").returncode == 0
+    assert not os.path.exists(stale)
 
 
 # --- list ------------------------------------------------------------------------------------

@@ -158,6 +158,14 @@ def _signal_cgroup(cg, sig: int) -> None:
 
 
 def delete(store: StateStore, cid: str, force: bool = False, log=None) -> None:
+    if force and not store.exists(cid):
+        # as runc: forcing away a container that is not there succeeds (the shim sends
+        # `delete --force` after `delete`), taking a state dir a killed create left behind
+        try:
+            store.remove(cid)
+        except OSError:
+            pass
+        return
     st = store.load(cid)
     s = status(store, st)
     if s not in ("stopped", "created") and not force:
