@@ -304,3 +304,31 @@ def test_run_exit_status_and_stdin(podman):
     r = run([*podman.base, "run", "--rm", "-i", "--pull", "never", "--network", "none", IMAGE, "cat"],
             input="through conmon\n", env=podman.env)
     assert r.stdout == "through conmon\n"
+
+
+def test_pod_containers_share_the_infra_containers_range(podman, busybox_tar):
+    """`podman pod create`: the infra container holds the pod's namespaces; a container run in
+    the pod joins them, and with them the infra container's user namespace and ID range."""
+    pause = "isobox-e2e/pause:latest"      # no catatonit here: busybox sleeping as the infra image
+    podman("import", "--change", 'ENTRYPOINT ["sleep", "2147483647"]', busybox_tar, pause)
+    pod = podman.name()
+    podman("pod", "create", "--name", pod, "--infra-image", pause, "--network", "none")
+    try:
+        podman("--runtime", ISOBOX_RUNC, "pod", "start", pod)
+        infra = podman.inspect(json.loads(podman("pod", "inspect", pod).stdout)["InfraContainerID"])
+        infra_pid = infra["State"]["Pid"]
+        base, size = proc_uid_map(infra_pid)
+        assert base >= 65536 and size == 65536
+        name = podman.name()
+        r = podman("--runtime", ISOBOX_RUNC, "run", "-d", "--pull", "never", "--pod", pod, "--name", name, IMAGE,
+                   "sleep", "300")
+        pid = podman.inspect(name)["State"]["Pid"]
+        assert proc_uid_map(pid) == (base, size)
+        for ns in ("user", "net", "ipc", "uts"):
+            assert os.readlink(f"/proc/{pid}/ns/{ns}") == os.readlink(f"/proc/{infra_pid}/ns/{ns}"), ns
+        out = podman("exec", name, "sh", "-c", "cat /proc/self/uid_map; id -u").stdout
+        assert uid_map_base(out) == base and out.split()[-1] == "0"
+        cids = [infra["Id"], podman.full_id(name)]
+    finally:
+        podman("pod", "rm", "-f", "-t", "0", pod, check=False)
+    _assert_freed(cids)
