@@ -74,9 +74,10 @@ class Cri:
         self.pods: list[str] = []
 
     def run_pod(self, privileged: bool = False, network: int = 0, sysctls: dict | None = None,
-                handler: str = "isobox") -> tuple[str, object]:
+                handler: str = "isobox", share_pid: bool = False) -> tuple[str, object]:
         pb, name = self.pb, "p" + uuid.uuid4().hex[:10]
-        ctx = pb.LinuxSandboxSecurityContext(privileged=privileged, namespace_options=self.namespaces(network))
+        ctx = pb.LinuxSandboxSecurityContext(privileged=privileged,
+                                             namespace_options=self.namespaces(network, share_pid))
         cfg = pb.PodSandboxConfig(
             metadata=pb.PodSandboxMetadata(name=name, uid=uuid.uuid4().hex, namespace="isobox-e2e"),
             hostname=name, linux=pb.LinuxPodSandboxConfig(cgroup_parent=f"{CGROUP_PARENT}/{name}",
@@ -85,18 +86,21 @@ class Cri:
         self.pods.append(sandbox)
         return sandbox, cfg
 
-    def namespaces(self, network: int = 0):
-        """As the kubelet sets them without shareProcessNamespace: a pid namespace per
-        container (CONTAINER), the pod's network and IPC (POD) unless host ones (NODE)."""
-        return self.pb.NamespaceOption(network=network, pid=1, ipc=0)
+    def namespaces(self, network: int = 0, share_pid: bool = False):
+        """As the kubelet sets them: the pod's network and IPC (POD) unless host ones (NODE); a
+        pid namespace per container (CONTAINER), or the pod's with shareProcessNamespace."""
+        return self.pb.NamespaceOption(network=network, pid=0 if share_pid else 1, ipc=0)
 
-    def start(self, sandbox: str, cfg, args: list[str], privileged: bool = False, resources=None) -> str:
+    def start(self, sandbox: str, cfg, args: list[str], privileged: bool = False, resources=None,
+              attempt: int = 0) -> str:
         pb = self.pb
+        share_pid = cfg.linux.security_context.namespace_options.pid == 0
         c = self.rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sandbox, sandbox_config=cfg, config=pb.ContainerConfig(
-                metadata=pb.ContainerMetadata(name="app"), image=pb.ImageSpec(image=IMAGE), command=args,
+                metadata=pb.ContainerMetadata(name="app", attempt=attempt), image=pb.ImageSpec(image=IMAGE),
+                command=args,
                 linux=pb.LinuxContainerConfig(resources=resources, security_context=pb.LinuxContainerSecurityContext(
-                    privileged=privileged, namespace_options=self.namespaces()))))).container_id
+                    privileged=privileged, namespace_options=self.namespaces(share_pid=share_pid)))))).container_id
         self.rt.StartContainer(pb.StartContainerRequest(container_id=c))
         return c
 
@@ -112,6 +116,10 @@ class Cri:
     def container_pid(self, cid: str) -> int:
         r = self.rt.ContainerStatus(self.pb.ContainerStatusRequest(container_id=cid, verbose=True))
         return int(json.loads(r.info["info"])["pid"])
+
+    def remove_container(self, cid: str) -> None:
+        self.rt.StopContainer(self.pb.StopContainerRequest(container_id=cid, timeout=0))
+        self.rt.RemoveContainer(self.pb.RemoveContainerRequest(container_id=cid))
 
     def remove_pod(self, sandbox: str) -> None:
         """What the kubelet does when a pod goes: stop the sandbox (and its containers), remove it."""
@@ -270,6 +278,35 @@ def test_container_limits_land_in_the_pods_cgroup_and_show_inside(cri):
     assert out.split()[1] == str(limit >> 10), out
     cri.remove_pod(sandbox)
     assert leftovers(app) == [] and leftovers(sandbox) == []
+
+
+def test_share_process_namespace_pod(cri):
+    """shareProcessNamespace: true: the pod's containers share the sandbox's pid namespace and
+    see each other's processes, the sandbox's `sleep` being pid 1."""
+    sandbox, cfg = cri.run_pod(share_pid=True)
+    app = cri.start(sandbox, cfg, ["sleep", "300"])
+    pid, pause = cri.container_pid(app), cri.pod_pid(sandbox)
+    assert os.readlink(f"/proc/{pid}/ns/pid") == os.readlink(f"/proc/{pause}/ns/pid")
+    out = cri.exec(app, "cat /proc/1/cmdline | tr '\\0' ' '; echo; ps -o args")
+    assert out.splitlines()[0].strip() == "sleep 2147483647" and "sleep 300" in out, out
+    cri.remove_pod(sandbox)
+    assert ids_held_by([sandbox, app]) == [] and leftovers(app) == []
+
+
+def test_a_restarted_container_reuses_the_pods_range_which_lives_until_the_pod_goes(cri):
+    """The kubelet replaces a crashed container in the same pod (attempt 1): the new one takes
+    the pod's range again, the old one's removal does not free it, the pod's removal does."""
+    sandbox, cfg = cri.run_pod()
+    base = proc_uid_map(cri.pod_pid(sandbox))[0]
+    first = cri.start(sandbox, cfg, ["sleep", "300"])
+    cri.remove_container(first)
+    assert leftovers(first) == [] and ids_held_by([first]) == []
+    assert [b for _, b in ids_held_by([sandbox])] == [base]      # the sandbox still holds it
+    second = cri.start(sandbox, cfg, ["sleep", "300"], attempt=1)
+    assert proc_uid_map(cri.container_pid(second))[0] == base
+    cri.remove_pod(sandbox)
+    assert ids_held_by([sandbox, first, second]) == []
+    assert leftovers(second) == [] and leftovers(sandbox) == []
 
 
 def test_host_network_pod_is_refused_with_isoboxs_line(cri):
