@@ -92,12 +92,12 @@ class Cri:
         return self.pb.NamespaceOption(network=network, pid=0 if share_pid else 1, ipc=0)
 
     def start(self, sandbox: str, cfg, args: list[str], privileged: bool = False, resources=None,
-              attempt: int = 0) -> str:
+              attempt: int = 0, name: str = "app") -> str:
         pb = self.pb
         share_pid = cfg.linux.security_context.namespace_options.pid == 0
         c = self.rt.CreateContainer(pb.CreateContainerRequest(
             pod_sandbox_id=sandbox, sandbox_config=cfg, config=pb.ContainerConfig(
-                metadata=pb.ContainerMetadata(name="app", attempt=attempt), image=pb.ImageSpec(image=IMAGE),
+                metadata=pb.ContainerMetadata(name=name, attempt=attempt), image=pb.ImageSpec(image=IMAGE),
                 command=args,
                 linux=pb.LinuxContainerConfig(resources=resources, security_context=pb.LinuxContainerSecurityContext(
                     privileged=privileged, namespace_options=self.namespaces(share_pid=share_pid)))))).container_id
@@ -278,6 +278,20 @@ def test_container_limits_land_in_the_pods_cgroup_and_show_inside(cri):
     assert out.split()[1] == str(limit >> 10), out
     cri.remove_pod(sandbox)
     assert leftovers(app) == [] and leftovers(sandbox) == []
+
+
+def test_a_pod_of_several_containers_shares_one_range(cri):
+    """Sidecars: each further container joins namespaces that the sandbox and the containers
+    before it all live in; they are all one user namespace, so each joins it."""
+    sandbox, cfg = cri.run_pod()
+    base = proc_uid_map(cri.pod_pid(sandbox))[0]
+    apps = [cri.start(sandbox, cfg, ["sleep", "300"], name=f"app{i}") for i in range(4)]
+    users = {os.readlink(f"/proc/{cri.container_pid(a)}/ns/user") for a in apps}
+    assert users == {os.readlink(f"/proc/{cri.pod_pid(sandbox)}/ns/user")}
+    assert {proc_uid_map(cri.container_pid(a))[0] for a in apps} == {base}
+    cri.remove_pod(sandbox)
+    assert ids_held_by([sandbox, *apps]) == []
+    assert all(leftovers(a) == [] for a in apps)
 
 
 def test_share_process_namespace_pod(cri):

@@ -115,6 +115,36 @@ def test_joining_network_namespace_shares_user_namespace_and_range(runtime, busy
     assert leftovers(first) == [] and leftovers(second) == []
 
 
+def test_namespaces_of_several_containers_of_one_user_namespace_can_be_joined(runtime, busybox_rootfs):
+    """A pod's containers share one user namespace, so joining the net of one and the IPC of
+    another is joining one owner; containers of two user namespaces are refused."""
+    def into(ns_paths: dict):
+        def edit(spec: dict) -> None:
+            for ns in spec["linux"]["namespaces"]:
+                if ns["type"] in ns_paths:
+                    ns["path"] = ns_paths[ns["type"]]
+        return edit
+
+    a = _create(runtime, _sleeper(runtime, busybox_rootfs))
+    pa = _pid(runtime, a)
+    b = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=into({"network": f"/proc/{pa}/ns/net"})))
+    pb = _pid(runtime, b)                           # b: a's net and user namespace, its own IPC
+    c = _create(runtime, _sleeper(runtime, busybox_rootfs,
+                                  edit=into({"network": f"/proc/{pa}/ns/net", "ipc": f"/proc/{pb}/ns/ipc"})))
+    pc = _pid(runtime, c)
+    assert os.readlink(f"/proc/{pc}/ns/user") == os.readlink(f"/proc/{pa}/ns/user")
+    assert os.readlink(f"/proc/{pc}/ns/ipc") == os.readlink(f"/proc/{pb}/ns/ipc")
+    other = _create(runtime, _sleeper(runtime, busybox_rootfs))      # a user namespace of its own
+    refused = runtime.new_id()
+    p, err = _popen_create(runtime, _sleeper(runtime, busybox_rootfs, edit=into(
+        {"network": f"/proc/{pa}/ns/net", "ipc": f"/proc/{_pid(runtime, other)}/ns/ipc"})), refused)
+    assert p.wait(timeout=60) != 0
+    assert "cannot be joined" in open(err).read() and leftovers(refused) == []
+    for cid in (c, b, a, other):
+        runtime("delete", "--force", cid, check=True)
+    assert ids_held(runtime.root) == []
+
+
 @pytest.fixture
 def host_netns():
     """A network namespace made in the host's user namespace, as CNI makes a pod's."""

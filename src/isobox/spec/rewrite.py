@@ -69,6 +69,14 @@ def _host_ns(procname: str) -> set[tuple[int, int]]:
     return out
 
 
+def _user_ns(pid: int) -> tuple[int, int] | None:
+    try:
+        st = os.stat(f"/proc/{pid}/ns/user")
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, str], str, str, tuple | None, set[str]]:
     """(new namespace flags, joined paths by type, user namespace to join, the container whose
     namespaces are joined and its ownership record, the joined types no isobox container lives
@@ -111,9 +119,11 @@ def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, st
         if not found:
             unowned.add(t)
         else:
-            if owner and owner[0] != found[0]:
-                raise IsoboxError(f"namespaces of two different containers ({owner[0]}, {found[0]}) cannot be joined")
-            owner = found
+            if owner and owner[0] != found[0] and _user_ns(owner[1]) != _user_ns(found[1]):
+                # containers of one user namespace (a pod's) are one owner: any of them will do
+                raise IsoboxError(f"namespaces of containers in two different user namespaces ({owner[0]}, "
+                                  f"{found[0]}) cannot be joined")
+            owner = owner or found
         join[t] = path
     join_user = ""
     if owner:
