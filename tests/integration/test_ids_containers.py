@@ -115,28 +115,30 @@ def test_joining_network_namespace_shares_user_namespace_and_range(runtime, busy
     assert leftovers(first) == [] and leftovers(second) == []
 
 
+def _into(ns_paths: dict):
+    """A spec edit: join the namespaces at these paths, by OCI type."""
+    def edit(spec: dict) -> None:
+        for ns in spec["linux"]["namespaces"]:
+            if ns["type"] in ns_paths:
+                ns["path"] = ns_paths[ns["type"]]
+    return edit
+
+
 def test_namespaces_of_several_containers_of_one_user_namespace_can_be_joined(runtime, busybox_rootfs):
     """A pod's containers share one user namespace, so joining the net of one and the IPC of
     another is joining one owner; containers of two user namespaces are refused."""
-    def into(ns_paths: dict):
-        def edit(spec: dict) -> None:
-            for ns in spec["linux"]["namespaces"]:
-                if ns["type"] in ns_paths:
-                    ns["path"] = ns_paths[ns["type"]]
-        return edit
-
     a = _create(runtime, _sleeper(runtime, busybox_rootfs))
     pa = _pid(runtime, a)
-    b = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=into({"network": f"/proc/{pa}/ns/net"})))
+    b = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=_into({"network": f"/proc/{pa}/ns/net"})))
     pb = _pid(runtime, b)                           # b: a's net and user namespace, its own IPC
     c = _create(runtime, _sleeper(runtime, busybox_rootfs,
-                                  edit=into({"network": f"/proc/{pa}/ns/net", "ipc": f"/proc/{pb}/ns/ipc"})))
+                                  edit=_into({"network": f"/proc/{pa}/ns/net", "ipc": f"/proc/{pb}/ns/ipc"})))
     pc = _pid(runtime, c)
     assert os.readlink(f"/proc/{pc}/ns/user") == os.readlink(f"/proc/{pa}/ns/user")
     assert os.readlink(f"/proc/{pc}/ns/ipc") == os.readlink(f"/proc/{pb}/ns/ipc")
     other = _create(runtime, _sleeper(runtime, busybox_rootfs))      # a user namespace of its own
     refused = runtime.new_id()
-    p, err = _popen_create(runtime, _sleeper(runtime, busybox_rootfs, edit=into(
+    p, err = _popen_create(runtime, _sleeper(runtime, busybox_rootfs, edit=_into(
         {"network": f"/proc/{pa}/ns/net", "ipc": f"/proc/{_pid(runtime, other)}/ns/ipc"})), refused)
     assert p.wait(timeout=60) != 0
     assert "cannot be joined" in open(err).read() and leftovers(refused) == []
@@ -159,13 +161,6 @@ def test_a_host_owned_netns_is_joined_before_the_shared_user_namespace(runtime, 
     joins that netns and the sandbox's IPC namespace, and so its user namespace. After
     setns(user) the host-owned netns would be EPERM, so it is joined first; exec likewise.
     The sandbox may set net.* sysctls there, the containers joining it may not."""
-    def into(ns_paths: dict):
-        def edit(spec: dict) -> None:
-            for ns in spec["linux"]["namespaces"]:
-                if ns["type"] in ns_paths:
-                    ns["path"] = ns_paths[ns["type"]]
-        return edit
-
     def with_sysctl(edit):
         def both(spec: dict) -> None:
             edit(spec)
@@ -173,7 +168,7 @@ def test_a_host_owned_netns_is_joined_before_the_shared_user_namespace(runtime, 
         return both
 
     # the pod's net.* sysctls go on the sandbox, into the engine's netns (no other container's)
-    sandbox = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=with_sysctl(into({"network": host_netns}))))
+    sandbox = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=with_sysctl(_into({"network": host_netns}))))
     pid1 = _pid(runtime, sandbox)
     r = subprocess.run(["nsenter", f"--net={host_netns}", "cat", "/proc/sys/net/ipv4/ip_unprivileged_port_start"],
                        capture_output=True, text=True)
@@ -181,11 +176,11 @@ def test_a_host_owned_netns_is_joined_before_the_shared_user_namespace(runtime, 
     joined = {"network": host_netns, "ipc": f"/proc/{pid1}/ns/ipc"}
     # ...but not by a container joining namespaces another isobox container lives in
     refused = runtime.new_id()
-    p, err = _popen_create(runtime, _sleeper(runtime, busybox_rootfs, edit=with_sysctl(into(joined))), refused)
+    p, err = _popen_create(runtime, _sleeper(runtime, busybox_rootfs, edit=with_sysctl(_into(joined))), refused)
     assert p.wait(timeout=60) != 0
     assert "sysctl net.ipv4.ip_unprivileged_port_start is not namespaced to this container" in open(err).read()
     assert leftovers(refused) == [] and not os.path.exists(os.path.join(runtime.root, refused))
-    app = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=into(joined)))
+    app = _create(runtime, _sleeper(runtime, busybox_rootfs, edit=_into(joined)))
     pid2 = _pid(runtime, app)
     netns = os.stat(host_netns).st_ino
     for pid in (pid1, pid2):
