@@ -69,14 +69,6 @@ def _host_ns(procname: str) -> set[tuple[int, int]]:
     return out
 
 
-def _user_ns(pid: int) -> tuple[int, int] | None:
-    try:
-        st = os.stat(f"/proc/{pid}/ns/user")
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, str], str, str, tuple | None, set[str]]:
     """(new namespace flags, joined paths by type, user namespace to join, the container whose
     namespaces are joined and its ownership record, the joined types no isobox container lives
@@ -119,7 +111,8 @@ def _namespaces(linux: dict, find_owner: OwnerLookup) -> tuple[int, dict[str, st
         if not found:
             unowned.add(t)
         else:
-            if owner and owner[0] != found[0] and _user_ns(owner[1]) != _user_ns(found[1]):
+            if owner and owner[0] != found[0] and \
+                    _ns_ident(f"/proc/{owner[1]}/ns/user") != _ns_ident(f"/proc/{found[1]}/ns/user"):
                 # containers of one user namespace (a pod's) are one owner: any of them will do
                 raise IsoboxError(f"namespaces of containers in two different user namespaces ({owner[0]}, "
                                   f"{found[0]}) cannot be joined")
