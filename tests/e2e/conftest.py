@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from e2e import rundirs
+from e2e import hostclean
 
 
 
@@ -195,13 +195,6 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def _umount_below(path: str) -> None:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for mp in sorted((p for p in points if p == path or p.startswith(path + "/")), key=len, reverse=True):
-        subprocess.run(["umount", "-l", mp], capture_output=True)
-
-
 class Dockerd:
     """One dockerd (and the containerd it starts itself) on a private socket."""
 
@@ -216,7 +209,7 @@ class Dockerd:
                         DOCKER_CONFIG=os.path.join(tmp, "cli"))
         self.default_runtime: str | None = None
         self.path_prefix: str | None = None     # a directory put first on dockerd's PATH (BuildKit's runc)
-        self.run_dirs = rundirs.absent()          # what its containerd makes in /run/containerd
+        self.run_dirs = hostclean.absent()          # what its containerd makes in /run/containerd
 
     # -- daemon -----------------------------------------------------------------------
     def start(self, default_runtime: str | None = None) -> None:
@@ -267,7 +260,7 @@ class Dockerd:
                 pass
             self.proc = None
         if final:
-            rundirs.remove(self.run_dirs)
+            hostclean.remove(self.run_dirs)
 
     def restart(self, default_runtime: str | None = None) -> None:
         self.stop()
@@ -324,7 +317,7 @@ def dockerd(tmp_path_factory, busybox_tar):
     finally:
         d.stop(final=True)
         for path in (DOCKER_EXEC, DOCKER_DATA):
-            _umount_below(path)
+            hostclean.umount_below(path)
             shutil.rmtree(path, ignore_errors=True)
         try:
             os.unlink(DOCKER_PIDFILE)

@@ -18,7 +18,7 @@ import subprocess
 import tarfile
 import time
 
-from e2e import rundirs
+from e2e import hostclean
 
 try:  # tests/e2e/conftest.py (pytest registers it as "conftest") owns the argv directory
     from conftest import ARGV_DIR, argv_log  # type: ignore
@@ -285,7 +285,7 @@ def own_containerd(config: str, sock: str, root: str, state: str, engine: str, l
     state dir says) once empty."""
     for d in (root, state, ARGV_DIR):
         os.makedirs(d, exist_ok=True)
-    shared = rundirs.absent()
+    shared = hostclean.absent()
     record = argv_log(engine)
     env = dict(os.environ, ISOBOX_ARGV_LOG=record)
     log = open(log_path, "wb")
@@ -300,16 +300,13 @@ def own_containerd(config: str, sock: str, root: str, state: str, engine: str, l
     finally:
         kill_pid(proc.pid)
         log.close()
-        with open("/proc/self/mountinfo") as f:
-            mnts = [l.split()[4] for l in f if root in l.split()[4] or state in l.split()[4]]
-        for m in sorted(mnts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(state, ignore_errors=True)
+        for d in (root, state):
+            hostclean.umount_below(d)
+            shutil.rmtree(d, ignore_errors=True)
         for r in roots_in(read_argv(record)):  # the shims' isobox-runc --root, emptied by delete
             if r.startswith("/run/containerd/") and os.path.isdir(r) and not os.listdir(r):
                 os.rmdir(r)
-        rundirs.remove(shared)
+        hostclean.remove(shared)
         for p in (sock, sock + ".ttrpc"):
             if os.path.exists(p):
                 os.unlink(p)

@@ -1,12 +1,22 @@
-"""containerd 1.6 keeps some state in /run/containerd whatever its configured state dir says:
-the shims' sockets (s/), ctr's FIFOs (fifo/) and, under runc/, the runc shim's default
---root. The engines the tests start (their own containerd, dockerd's) remove what they made."""
+"""What the engines the tests start leave on the host, removed when they stop: mounts below
+their data dirs, and the /run/containerd directories containerd 1.6 uses whatever its
+configured state dir says (the shims' sockets in s/, ctr's FIFOs in fifo/ and, under runc/,
+the runc shim's default --root)."""
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 
 DIRS = ("/run/containerd/runc", "/run/containerd/fifo", "/run/containerd/s", "/run/containerd")
+
+
+def umount_below(path: str) -> None:
+    """Lazily unmounts every mount at or below path, deepest first."""
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for mp in sorted((p for p in points if p == path or p.startswith(path + "/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", mp], capture_output=True)
 
 
 def absent() -> list[str]:

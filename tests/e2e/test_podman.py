@@ -32,6 +32,7 @@ import uuid
 import pytest
 
 from conftest import leftovers
+from e2e import hostclean
 from e2e.engine_fixtures import (E2E_LIB, E2E_RUN, ISOBOX_RUNC, argv_log, ids_held_by, proc_uid_map,
                                  read_argv, run, run_pty, uid_map_base, wait_for)
 
@@ -111,10 +112,8 @@ def podman(tmp_path_factory, busybox_tar):
     finally:
         p("rm", "-af", "-t", "0", check=False)
         p("rmi", "-af", check=False)
-        with open("/proc/self/mountinfo") as f:
-            mnts = [l.split()[4] for l in f if any(l.split()[4].startswith(d) for d in (GRAPHROOT, RUNROOT))]
-        for m in sorted(mnts, key=len, reverse=True):
-            subprocess.run(["umount", "-l", m], capture_output=True)
+        for d in (GRAPHROOT, RUNROOT):
+            hostclean.umount_below(d)
         for d in (GRAPHROOT, RUNROOT, TMPDIR):
             shutil.rmtree(d, ignore_errors=True)
         for f in (EVENTS, EVENTS + ".lock"):
