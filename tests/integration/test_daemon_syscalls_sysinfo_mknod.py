@@ -58,7 +58,9 @@ def _child(sock: socket.socket, w: int, names, arches, cgroup, prepare, body) ->
 
 
 def trapped(names, body, container=None, arches=(), cgroup=None, prepare=None):
-    """(verdict, child's report, exit status). body(w) runs in the child after the filter."""
+    """(verdict, child's report, exit status). body(w) runs in the child after the filter.
+    Without a container, the child plays a container's init (what mknod's capability check
+    is judged against: the user namespace it is in once prepared)."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     r, w = os.pipe()
     pid = os.fork()
@@ -77,6 +79,9 @@ def trapped(names, body, container=None, arches=(), cgroup=None, prepare=None):
         listener = fds[0]
         assert select.select([listener], [], [], 10)[0], "no notification within 10 s"
         raw = notify.recv(listener)
+        if container is None:
+            container = Container(key="t", id="t", uid_base=0, gid_base=0, cgroups={}, created=boottime(),
+                                  init_pid=pid)
         call = notify.make_call(listener, raw, container)
         v = Notifier(HANDLERS, lambda c, v: None, lambda k: None).handle(call)
         out = b""

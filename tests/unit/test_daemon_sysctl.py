@@ -15,7 +15,8 @@ ME = os.getpid()
 
 
 def ctr(base: int = 100000) -> Container:
-    return Container(key=f"k{base}", id=f"c{base}", uid_base=base, gid_base=base, cgroups={})
+    # this process plays the container's init: capabilities are judged in its user namespace
+    return Container(key=f"k{base}", id=f"c{base}", uid_base=base, gid_base=base, cgroups={}, init_pid=ME)
 
 
 def host(rel: str) -> str:
@@ -25,6 +26,36 @@ def host(rel: str) -> str:
 
 def writable_emulated() -> list[str]:
     return [r for r, s in T.EMULATED.items() if not s.readonly and os.path.exists(f"/proc/sys/{r}")]
+
+
+def seeded(rel: str) -> Container:
+    """A container holding a value of rel even when this host's kernel lacks the file (no
+    CONFIG_MAGIC_SYSRQ, no Yama): the daemon never offers such a file, but its parser and store
+    are the same code as for any other sysctl, so they are exercised here all the same."""
+    c = ctr()
+    if not os.path.exists(f"/proc/sys/{rel}"):
+        spec = T.EMULATED[rel]
+        lo, hi = spec.bounds()
+        c.sysctl[rel] = T.format_value([min(max(0, lo), hi)] * spec.count)
+    return c
+
+
+def max_push_state() -> list[tuple[str, int, int, int]]:
+    """(rel, host value, lo, hi) of every max-push sysctl this host has, as the host is now
+    (fs.file-max may already be at its ceiling, 2**63-1, on some machines)."""
+    out = []
+    for rel, spec in T.EMULATED.items():
+        if spec.push == "max" and os.path.exists(f"/proc/sys/{rel}"):
+            out.append((rel, int(host(rel)), *spec.bounds()))
+    return out
+
+
+def below_ceiling() -> tuple[str, int, int, int]:
+    """A max-push sysctl whose host value can still grow; skip only when none can."""
+    for rel, now, lo, hi in max_push_state():
+        if now < hi:
+            return rel, now, lo, hi
+    pytest.skip("every max-push sysctl of this host is at its ceiling: no larger value exists to push")
 
 
 @pytest.mark.parametrize("rel,kind", [
@@ -117,26 +148,46 @@ def test_only_container_root_writes_emulated() -> None:
 
 def test_max_push_off_keeps_host() -> None:
     c = ctr()
-    rel = "fs/file-max"
+    rel, now, _, hi = below_ceiling()
     before = host(rel)
-    bigger = str(int(before) + 1000).encode()
-    S.write(c, ME, c.uid_base, c.gid_base, rel, bigger, allow_push=False)
-    assert host(rel) == before and S.read(c, ME, rel) == bigger + b"\n"
+    bigger = min(now + 1000, hi)
+    S.write(c, ME, c.uid_base, c.gid_base, rel, str(bigger).encode(), allow_push=False)
+    assert host(rel) == before and S.read(c, ME, rel) == f"{bigger}\n".encode()
 
 
 def test_max_push_on_raises_host_then_restores() -> None:
-    """The one test that writes the host: it puts back the exact previous value."""
+    """The one test that raises a host value: it puts back the exact previous value."""
     c = ctr()
-    rel = "fs/file-max"
+    rel, now, lo, _ = below_ceiling()
     before = host(rel)
+    lower = max(lo, now - 1000)
     try:
-        S.write(c, ME, c.uid_base, c.gid_base, rel, str(int(before) + 1).encode(), allow_push=True)
-        assert int(host(rel)) == int(before) + 1
-        S.write(c, ME, c.uid_base, c.gid_base, rel, b"1000", allow_push=True)   # lower: never pushed
-        assert int(host(rel)) == int(before) + 1 and S.read(c, ME, rel) == b"1000\n"
+        S.write(c, ME, c.uid_base, c.gid_base, rel, str(now + 1).encode(), allow_push=True)
+        assert int(host(rel)) == now + 1
+        S.write(c, ME, c.uid_base, c.gid_base, rel, str(lower).encode(), allow_push=True)  # lower: never pushed
+        assert int(host(rel)) == now + 1 and S.read(c, ME, rel) == f"{lower}\n".encode()
     finally:
         with open(f"/proc/sys/{rel}", "w") as f:
             f.write(before)
+    assert host(rel) == before
+
+
+@pytest.mark.parametrize("rel", [r for r, s in T.EMULATED.items() if s.push == "max"])
+def test_max_push_never_lowers_host(rel: str) -> None:
+    """Below the host's value (possible even at the ceiling): the container keeps its own value."""
+    if not os.path.exists(f"/proc/sys/{rel}"):
+        pytest.skip(f"this kernel has no {rel} (nf_conntrack not loaded): nothing on the host to push to")
+    c = ctr()
+    before = host(rel)
+    lo, _ = T.EMULATED[rel].bounds()
+    lower = max(lo, int(before) - 1)
+    try:
+        S.write(c, ME, c.uid_base, c.gid_base, rel, str(lower).encode(), allow_push=True)
+        assert S.read(c, ME, rel) == f"{lower}\n".encode()
+    finally:
+        if host(rel) != before:     # only if the push went wrong
+            with open(f"/proc/sys/{rel}", "w") as f:
+                f.write(before)
     assert host(rel) == before
 
 
@@ -147,13 +198,54 @@ def test_max_push_on_raises_host_then_restores() -> None:
     ("net/netfilter/nf_conntrack_max", b"-5"), ("kernel/panic", b"2147483648"), ("vm/mmap_min_addr", b"-0"),
 ])
 def test_out_of_range_is_einval(rel: str, data: bytes) -> None:
-    if not os.path.exists(f"/proc/sys/{rel}"):
-        pytest.skip(f"host has no {rel}")
-    c = ctr()
+    c = seeded(rel)
+    start = c.sysctl.get(rel)
     with pytest.raises(OSError) as e:
         S.write(c, ME, c.uid_base, c.gid_base, rel, data, False)
     assert e.value.errno == errno.EINVAL
-    assert rel not in c.sysctl or c.sysctl[rel] == T.format_value(T.parse_value(host(rel)))
+    assert c.sysctl[rel] == (start or T.format_value(T.parse_value(host(rel))))
+
+
+def _raw_write(rel: str, data: bytes) -> int:
+    fd = os.open(f"/proc/sys/{rel}", os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        return os.write(fd, data)
+    except OSError as e:
+        return -e.errno
+    finally:
+        os.close(fd)
+
+
+BOUNDED = [r for r, s in T.EMULATED.items() if not s.readonly and (s.lo is not None or s.hi is not None)]
+
+
+@pytest.mark.parametrize("rel", BOUNDED)
+def test_table_edges_are_refused_by_this_kernel(rel: str) -> None:
+    """The table's bounds come from the kernel source; the running kernel can still be asked, on
+    the host itself, whether it refuses the values just outside them: a refused write changes
+    nothing. (Whether it accepts the edges themselves cannot be asked without changing the host.)
+    Should this kernel accept one, the table is too strict: the value is put back at once."""
+    if not os.path.exists(f"/proc/sys/{rel}"):
+        pytest.skip(f"this kernel has no {rel}: nothing to compare the table with")
+    spec = T.EMULATED[rel]
+    lo, hi = spec.bounds()
+    before = host(rel)
+    if spec.sticky_max and int(before) == hi:
+        pytest.skip(f"{rel} is at its one-way maximum: the kernel refuses every write")
+    accepted = []
+    try:
+        for v in (lo - 1, hi + 1):
+            got = _raw_write(rel, str(v).encode())
+            if got >= 0:
+                accepted.append(v)
+            else:
+                assert got == -errno.EINVAL, (rel, v, got)
+    finally:
+        if host(rel) != before:
+            with open(f"/proc/sys/{rel}", "w") as f:
+                f.write(before)
+    assert accepted == [], f"this kernel accepts {accepted} for {rel}; the table says {lo}..{hi}"
+    assert host(rel) == before
 
 
 # Expected results measured on kernel 6.18 against net/unix/max_dgram_qlen (proc_dointvec)
@@ -207,12 +299,27 @@ def _garbage(rng: random.Random) -> bytes:
     return str(rng.randrange(-(1 << 66), 1 << 66)).encode() + bytes([rng.randrange(256)])
 
 
-@pytest.mark.parametrize("rel", sorted(T.EMULATED))
+@pytest.mark.parametrize("rel", sorted(r for r, s in T.EMULATED.items() if s.readonly))
+def test_read_only_emulated_refuse_every_write(rel: str) -> None:
+    """0444 emulated files: the write path refuses before any parsing, as the kernel's open does."""
+    c = ctr()
+    with pytest.raises(OSError) as e:
+        S.check_open_write(c, ME, rel)
+    assert e.value.errno == errno.EACCES
+    for data in (b"1", b"", b"garbage"):
+        with pytest.raises(OSError) as e:
+            S.write(c, ME, c.uid_base, c.gid_base, rel, data, False)
+        assert e.value.errno == errno.EACCES
+    assert rel not in c.sysctl          # nothing stored per container
+    got = S.read(c, ME, rel)
+    assert got == host(rel).encode() or (T.EMULATED[rel].fresh and len(got) == 37)
+
+
+@pytest.mark.parametrize("rel", sorted(r for r, s in T.EMULATED.items() if not s.readonly))
 def test_fuzz_emulated(rel: str) -> None:
     spec = T.EMULATED[rel]
-    if spec.readonly or not os.path.exists(f"/proc/sys/{rel}"):
-        pytest.skip("not writable here")
-    c = ctr()
+    c = seeded(rel)
+    lo, hi = spec.bounds()
     rng = random.Random(rel)
     for _ in range(300):
         data = _garbage(rng)
@@ -223,6 +330,4 @@ def test_fuzz_emulated(rel: str) -> None:
             continue
         assert 0 <= n <= len(data)
         for v in T.parse_value(c.sysctl[rel]):  # whatever was accepted is within the handler's range
-            lo = spec.lo if spec.lo is not None else (0 if spec.kind == "ulong" else T.INT_MIN)
-            hi = spec.hi if spec.hi is not None else (T.ULONG_MAX if spec.kind == "ulong" else T.INT_MAX)
             assert lo <= v <= hi

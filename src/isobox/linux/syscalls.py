@@ -28,6 +28,8 @@ CLONE_FILES = 0x00000400
 CLONE_FS = 0x00000200
 
 NS_GET_USERNS = 0xB701  # linux/nsfs.h: _IO(0xb7, 0x1)
+NS_GET_PARENT = 0xB702  # _IO(0xb7, 0x2)
+NS_GET_OWNER_UID = 0xB704  # _IO(0xb7, 0x4)
 
 NS_FLAGS = {
     "mnt": CLONE_NEWNS, "cgroup": CLONE_NEWCGROUP, "uts": CLONE_NEWUTS, "ipc": CLONE_NEWIPC,
@@ -92,6 +94,7 @@ RESOLVE_IN_ROOT = 0x10
 
 # --- prctl ---
 PR_SET_PDEATHSIG = 1
+PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ = 23
@@ -120,6 +123,7 @@ SYS_fsconfig = 431
 SYS_fsmount = 432
 SYS_openat2 = 437
 SYS_mount_setattr = 442
+SYS_close_range = 436
 
 _L = ctypes.c_long
 _UL = ctypes.c_ulong
@@ -149,6 +153,19 @@ def setns(fd: int, nstype: int = 0) -> None:
 def ioctl_ns_get_userns(fd: int) -> int:
     """A new fd of the user namespace that owns the namespace `fd` refers to."""
     return _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(NS_GET_USERNS)), "ioctl(NS_GET_USERNS)")
+
+
+def ioctl_ns_get_parent(fd: int) -> int:
+    """A new fd of the parent of the user namespace fd (EPERM at the top)."""
+    return _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(NS_GET_PARENT)), "ioctl(NS_GET_PARENT)")
+
+
+def ioctl_ns_get_owner_uid(fd: int) -> int:
+    """The uid that created the user namespace fd, as the calling process's namespace sees it."""
+    uid = ctypes.c_uint32()
+    _check(_libc.ioctl(ctypes.c_int(fd), ctypes.c_ulong(NS_GET_OWNER_UID), ctypes.byref(uid)),
+           "ioctl(NS_GET_OWNER_UID)")
+    return uid.value
 
 
 def clone(flags: int) -> int:
@@ -222,6 +239,10 @@ def openat2(dfd: int, path: str, flags: int, mode: int = 0, resolve: int = 0) ->
 # --- processes and credentials ---
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(ctypes.c_int(option), _UL(arg2), _UL(arg3), _UL(arg4), _UL(arg5)), "prctl", option)
+
+
+def close_range(first: int, last: int, flags: int = 0) -> None:
+    _check(_syscall(_L(SYS_close_range), _UL(first), _UL(last), _UL(flags)), "close_range")
 
 
 def pidfd_open(pid: int) -> int:

@@ -21,9 +21,10 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
+from isobox.linux import sealed
 from isobox.linux import syscalls as sc
 
 NS_FLAG = {"net": sc.CLONE_NEWNET, "uts": sc.CLONE_NEWUTS, "ipc": sc.CLONE_NEWIPC,
@@ -156,6 +157,10 @@ def _plan(pid: int, kinds: tuple[str, ...]) -> _Plan:
     return plan
 
 
+def _plan_fds(plan: _Plan) -> list[int]:
+    return [fd for fd, _ in plan.ns_fds] + [plan.user_fd]
+
+
 def _close_plan(plan: _Plan) -> None:
     for fd, _ in plan.ns_fds:
         os.close(fd)
@@ -208,12 +213,11 @@ def _do(op: str, path: str, data: bytes) -> tuple[int, bytes]:
 def _child(plan: _Plan, wfd: int, op: str, path: str, data: bytes) -> None:
     """Never returns: becomes the reader, does op, reports over wfd and exits."""
     try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         _become(plan)
         if plan.fork_into_pid:
             inner = os.fork()
             if inner == 0:
-                sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+                sealed.seal((wfd,))
                 _finish(wfd, op, path, data)
             os.waitpid(inner, 0)
             os._exit(0)
@@ -248,21 +252,25 @@ def run_as(pid: int, kinds: tuple[str, ...], op: str, path: str, data: bytes = b
     Returns (result, payload) or raises OSError with the kernel's errno."""
     plan = _plan(pid, kinds)
     try:
-        return fork_helper(lambda wfd: _child(plan, wfd, op, path, data), "sysctl helper")
+        return fork_helper(lambda wfd: _child(plan, wfd, op, path, data), "sysctl helper", _plan_fds(plan))
     finally:
         _close_plan(plan)
 
 
-def fork_helper(child_fn, what: str) -> tuple[int, bytes]:
+def fork_helper(child_fn, what: str, keep: Iterable[int]) -> tuple[int, bytes]:
     """Forks child_fn(wfd), which reports one _HDR (+ payload) on wfd and never returns;
-    (result, payload), or OSError with the errno it reported (EIO if it died silently)."""
+    (result, payload), or OSError with the errno it reported (EIO if it died silently).
+    The child is sealed first (linux/sealed.py): not traceable, and holding only wfd and the
+    fds in keep, none of the server's (/dev/fuse, listeners, databases, logs)."""
     rfd, wfd = os.pipe()
     try:
         child = os.fork()
         if child == 0:
-            os.close(rfd)
-            child_fn(wfd)
-            os._exit(1)
+            try:
+                sealed.seal((wfd, *keep))
+                child_fn(wfd)
+            finally:
+                os._exit(1)
         os.close(wfd)
         wfd = -1
         reply = _collect(rfd, child)
@@ -315,12 +323,14 @@ _FN_HDR = struct.Struct("=iq")      # errno (0 = ok), result; then the payload; 
 
 
 def run_fn(pid: int, fn: Callable[[], tuple[int, bytes, int]], before: Callable[[], None] | None = None,
-           kinds: tuple[str, ...] = ()) -> tuple[int, bytes, int]:
+           kinds: tuple[str, ...] = (), keep: Iterable[int] = ()) -> tuple[int, bytes, int]:
     """Run fn in a forked helper that joined pid's namespaces of the given kinds plus its user
     namespace and took its credentials. before() runs first in the helper, still host root (to
     join a mount namespace or chroot, which the caller's credentials may not allow). fn returns
     (result, payload, fd or -1); the fd is passed back with SCM_RIGHTS and owned by the caller of
-    run_fn. Raises OSError with the errno fn (or becoming pid) failed with.
+    run_fn. Raises OSError with the errno fn (or becoming pid) failed with. The helper is sealed
+    (linux/sealed.py) and keeps only its socket, the namespaces it joins and the fds in keep
+    (whatever before and fn use).
 
     Both callables run in a child of a threaded process: they must only make syscalls (no
     imports, no locks, no logging)."""
@@ -329,8 +339,11 @@ def run_fn(pid: int, fn: Callable[[], tuple[int, bytes, int]], before: Callable[
     try:
         child = os.fork()
         if child == 0:
-            parent.close()
-            _fn_child(plan, child_sock, fn, before)
+            try:
+                sealed.seal((child_sock.fileno(), *_plan_fds(plan), *keep))
+                _fn_child(plan, child_sock, fn, before)
+            finally:
+                os._exit(1)
         child_sock.close()
         reply, fds = _fn_collect(parent, child)
     finally:
@@ -354,7 +367,6 @@ def run_fn(pid: int, fn: Callable[[], tuple[int, bytes, int]], before: Callable[
 def _fn_child(plan: _Plan, sock: socket.socket, fn, before) -> None:
     """Never returns: becomes the caller, runs fn, sends the reply (and fd) and exits."""
     try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if before is not None:
             before()
         _become(plan)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from isobox.daemon.fs import nsexec
 from isobox.daemon.fs import sysctl_table as tbl
 from isobox.daemon.fs.context import Container
+from isobox.linux import nscaps
 
 PROC_SYS = "/proc/sys"
 _THREAD_KINDS = ("net", "uts", "ipc")   # namespaces one thread may switch into
@@ -219,8 +220,10 @@ def _write_emulated(c: Container, reader_pid: int, reader_uid: int, rel: str, da
         raise OSError(errno.EACCES, f"{rel} is read-only")
     if reader_uid != c.uid_base:
         raise OSError(errno.EACCES, f"{rel} is writable by the container's root only")
-    if spec.cap is not None and not nsexec.read_creds(reader_pid).cap_eff >> spec.cap & 1:
-        raise OSError(errno.EPERM, f"{rel} needs capability {spec.cap}")
+    if spec.cap is not None and (c.init_pid <= 0 or not nscaps.capable_in_container(reader_pid, c.init_pid, spec.cap)):
+        # judged in the container's user namespace (the kernel's rule), not on CapEff: the
+        # root of a user namespace nested in the container has a full CapEff
+        raise OSError(errno.EPERM, f"{rel} needs capability {spec.cap} in the container's user namespace")
     if offset:
         return len(data)
     _current(c, rel)                # seed before parsing: a vector write keeps the untouched values

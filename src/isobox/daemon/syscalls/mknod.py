@@ -27,15 +27,16 @@ import contextlib
 import errno
 import importlib
 import os
-import signal
 import socket
 import stat
 import struct
 from dataclasses import dataclass
 
+from isobox.linux import nscaps
 from isobox.daemon.fs import nsexec
 from isobox.daemon.syscalls.call import Call, Verdict, done, proceed, refuse
 from isobox.daemon.syscalls.registry import handles
+from isobox.linux import sealed
 from isobox.linux import syscalls as sc
 
 SAFE = {(1, 3): "null", (1, 5): "zero", (1, 7): "full", (1, 8): "random", (1, 9): "urandom",
@@ -226,7 +227,7 @@ def _child(plan: Plan, sock: socket.socket) -> None:
     """Never returns."""
     code, err = 0, errno.EIO
     try:
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        sealed.seal((plan.root, plan.base, sock.fileno()))
         os.fchdir(plan.root)
         os.chroot(".")                # the caller's "/": absolute paths and ".." stop there
         code, err = _make(plan), 0
@@ -289,8 +290,11 @@ def make_node(call: Call, req: Request) -> Verdict:
     if not path:
         return refuse(errno.ENOENT, f"{what}: empty path")
     who = caller(call.pid)
-    if not who.cap_eff & (1 << CAP_MKNOD):
-        return refuse(errno.EPERM, f"{what}: the caller lacks CAP_MKNOD")
+    init_pid = call.container.init_pid if call.container is not None else 0
+    if init_pid <= 0 or not nscaps.capable_in_container(call.pid, init_pid, CAP_MKNOD):
+        # judged in the container's user namespace: the root of one nested in it holds a
+        # full CapEff, but the kernel would not let it make devices for the container
+        return refuse(errno.EPERM, f"{what}: the caller lacks CAP_MKNOD in the container's user namespace")
     root = os.open(f"/proc/{call.pid}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         base = _open_base(call.pid, req.dirfd, path, root)

@@ -13,12 +13,16 @@ import errno
 import functools
 import os
 
+from isobox.linux import nscaps
+from isobox.linux.nscaps import CAP_SYS_ADMIN
 from isobox.daemon.syscalls import nsmount
 from isobox.daemon.syscalls.call import Call, Verdict, defer, done, own_fd, proceed, refuse
 from isobox.daemon.syscalls.registry import handles
 from isobox.linux import syscalls as sc
 
-CAP_SYS_ADMIN = 21
+# the namespace whose owner must grant CAP_SYS_ADMIN for a new one (fs/proc/root.c: the
+# caller's pid namespace; fs/sysfs/mount.c: its net namespace), besides its mount namespace's
+CREATOR_NS = {"proc": "pid", "sysfs": "net"}
 EMULATED_TYPES = ("proc", "sysfs")
 # FS_USERNS_MOUNT filesystems (the kernel mounts them for a user namespace's root itself)
 USERNS_TYPES = frozenset({"tmpfs", "ramfs", "overlay", "devpts", "mqueue", "cgroup", "cgroup2", "fuse",
@@ -39,14 +43,6 @@ def flag_names(flags: int) -> str:
     names = [n for bit, n in sorted(FLAG_NAMES.items()) if bit & flags]
     rest = flags & ~sum(FLAG_NAMES)
     return "|".join(names + ([hex(rest)] if rest else [])) or "0"
-
-
-def has_cap(pid: int, cap: int) -> bool:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("CapEff:"):
-                return bool(int(line.split()[1], 16) >> cap & 1)
-    return False
 
 
 def _opt_str(call: Call, addr: int, limit: int = 4096) -> str | None:
@@ -92,8 +88,11 @@ def mount_attrs(flags: int) -> int:
 def _new_fs(call: Call, fstype: str, target: str, flags: int, data: str | None) -> Verdict:
     if call.container is None:
         return refuse(errno.EPERM, "not a registered container")
-    if not has_cap(call.pid, CAP_SYS_ADMIN):
-        return refuse(errno.EPERM, f"{fstype} mount without CAP_SYS_ADMIN")
+    for kind in ("mnt", CREATOR_NS[fstype]):
+        if not nscaps.capable_over(call.pid, kind, CAP_SYS_ADMIN):
+            # the kernel's rule, not CapEff: a user namespace nested in the container has a
+            # full CapEff but owns neither the container's pid nor its net namespace
+            return refuse(errno.EPERM, f"{fstype} mount without CAP_SYS_ADMIN over the caller's {kind} namespace")
     caller = nsmount.open_caller(call.pid)
     target_fd = None
     try:

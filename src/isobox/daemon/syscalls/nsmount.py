@@ -97,13 +97,17 @@ def _close(fds: dict[str, int]) -> None:
 
 # ------------------------------------------------------------------ fork, report, collect
 
-def _run(child_fn) -> tuple[int, bytes]:
-    """Fork child_fn(wfd) (it must report and os._exit); (result, payload) or OSError(errno)."""
-    return fork_helper(lambda wfd: _guard(child_fn, wfd), "mount helper")
+def _run(child_fn, c: Caller, *extra: int | None) -> tuple[int, bytes]:
+    """Fork child_fn(wfd) (it must report and os._exit); (result, payload) or OSError(errno).
+    The helper is sealed before it does anything: not traceable by the container it is about
+    to enter, holding only the caller's namespace, root and cwd fds and extra."""
+    keep = [*c.fds.values(), *(fd for fd in extra if fd is not None)]
+    return fork_helper(lambda wfd: _guard(child_fn, wfd), "mount helper", keep)
 
 
 def _guard(fn, wfd: int, *args) -> None:
-    """Runs fn in a forked child; any OSError is reported with its errno. Never returns."""
+    """Runs fn in a forked child; any OSError is reported with its errno. Never returns.
+    (Not dumpable: inherited from the sealed first helper; the death signal is not.)"""
     try:
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         fn(wfd, *args)
@@ -176,7 +180,7 @@ def new_fs(c: Caller, req: NewFs) -> None:
     """Mounts a fresh proc or sysfs carrying the container's emulation and masks on the
     caller's target. Raises OSError with the kernel's errno for the caller."""
     os.makedirs(SCRATCH, mode=0o700, exist_ok=True)
-    _run(lambda wfd: _outer(wfd, c, req))
+    _run(lambda wfd: _outer(wfd, c, req), c, req.target_fd)
 
 
 def _outer(wfd: int, c: Caller, req: NewFs) -> None:
@@ -287,7 +291,7 @@ def _bind(source: str, where: str, flags: int) -> None:
 def probe_target(c: Caller, target: str, nofollow: bool) -> tuple[int, bool]:
     """(mount id, is a mount root) of the target as the caller's root and cwd resolve it.
     Only looks (no action), as host root in the caller's mount namespace."""
-    _, payload = _run(lambda wfd: _probe(wfd, c, target, nofollow))
+    _, payload = _run(lambda wfd: _probe(wfd, c, target, nofollow), c)
     mnt_id, root = _MNT.unpack(payload[:_MNT.size])
     return mnt_id, bool(root)
 
@@ -304,7 +308,7 @@ def _probe(wfd: int, c: Caller, target: str, nofollow: bool) -> None:
 def detach_as_caller(c: Caller, target: str, flags: int) -> None:
     """umount2(target, flags | MNT_DETACH) with the caller's own rights: a proc or sysfs that
     isoboxd mounted has its (locked) nodes as submounts, so a plain umount would be EBUSY."""
-    _run(lambda wfd: _detach(wfd, c, target, flags))
+    _run(lambda wfd: _detach(wfd, c, target, flags), c)
 
 
 def _detach(wfd: int, c: Caller, target: str, flags: int) -> None:

@@ -92,8 +92,11 @@ class _Env:
     fds: dict[int, int] = field(default_factory=dict)   # caller fd number -> our O_PATH fd of it
     top: list[int] = field(default_factory=list)        # in the helper: fd of "/" of its mount ns
 
+    def held(self) -> list[int]:
+        return [self.root, self.cwd, self.mntns, self.proc, self.cgroup, *self.fds.values()]
+
     def close(self) -> None:
-        for fd in (self.root, self.cwd, self.mntns, self.proc, self.cgroup, *self.fds.values()):
+        for fd in self.held():
             if fd >= 0:
                 os.close(fd)
 
@@ -354,7 +357,7 @@ def _run(call: Call, env: _Env, fn, what: str, target: str,
     """Runs fn in the helper; (result, fd) or the refusal."""
     if not call.valid():
         raise OSError(errno.ESRCH, "caller gone")
-    res, payload, fd = nsexec.run_fn(call.pid, fn, before=lambda: _enter(env))
+    res, payload, fd = nsexec.run_fn(call.pid, fn, before=lambda: _enter(env), keep=env.held())
     if res == REFUSED:
         where = _mount_point(call.pid, int(payload or b"0"))
         return refuse(errno.EPERM, f"{what} on {target} refused: {where} is a host directory "

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from isobox.daemon import paths
 from isobox.daemon.syscalls import nsmount
 from isobox.daemon.syscalls.call import Call, Verdict, defer, done, proceed, refuse
-from isobox.daemon.syscalls.mount import CAP_SYS_ADMIN, has_cap
+from isobox.linux import nscaps
+from isobox.linux.nscaps import CAP_SYS_ADMIN
 from isobox.daemon.syscalls.registry import handles
 from isobox.linux import syscalls as sc
 
@@ -72,7 +73,7 @@ def umount(call: Call) -> Verdict:
     target = call.read_str(call.args[0])
     flags = call.args[1] if call.name == "umount2" else 0
     call.detail.update(target=target, flags="|".join(n for b, n in UMOUNT_FLAGS.items() if flags & b) or "0")
-    if not has_cap(call.pid, CAP_SYS_ADMIN):
+    if not nscaps.capable_over(call.pid, "mnt", CAP_SYS_ADMIN):
         return proceed("no CAP_SYS_ADMIN: the kernel refuses")
     if target.startswith("/"):
         # Fast path, no helper: an absolute target is looked up by name in the caller's
