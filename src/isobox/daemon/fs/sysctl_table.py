@@ -5,6 +5,13 @@ Paths are relative to /proc/sys ("net/ipv4/ip_forward"). The emulated list is Sy
 (sysbox-features.md §3a) minus what kernel 6.x namespaces itself: net/core/somaxconn and
 net/unix/max_dgram_qlen are per netns, kernel/pid_max is per pid namespace since 6.14, so
 those go to the reader's real namespaces instead of a per-container copy.
+
+Only the emulated (host-global) sysctls are parsed here. Their bounds come from the kernel
+source, because no scratch namespace has its own copy of them to ask: probing one means writing
+the host's value. Namespaced sysctls are never parsed here: the write goes to the reader's own
+namespace and the running kernel decides (a vendor kernel may bound net.ipv4.tcp_rmem at 4096
+where mainline says 1). tests/unit/test_daemon_sysctl.py checks the edges of this table against
+the running kernel; tests/integration/test_daemon_sysctl_ns.py derives bounds in a scratch netns.
 """
 from __future__ import annotations
 
@@ -34,6 +41,11 @@ class Spec:
     readonly: bool = False          # 0444: open for write fails with EACCES
     fresh: bool = False             # read the host file every time (kernel/random/uuid)
     sticky_max: bool = False        # yama: once at hi it cannot be changed
+
+    def bounds(self) -> tuple[int, int]:
+        """The values the handler accepts: lo/hi, or the type's own range where unset."""
+        lo_t, hi_t = (0, ULONG_MAX) if self.kind == "ulong" else (INT_MIN, INT_MAX)
+        return (lo_t if self.lo is None else self.lo), (hi_t if self.hi is None else self.hi)
 
 
 # Handlers and bounds as in kernel 6.18 (fs/file_table.c, fs/file.c, fs/namei.c, kernel/panic.c,
@@ -164,11 +176,9 @@ def _convert(spec: Spec, val: int, neg: bool, current: int) -> int:
     if spec.kind == "ulong":
         if neg:
             raise OSError(errno.EINVAL, "negative")
-        lo, hi = (0 if spec.lo is None else spec.lo), (ULONG_MAX if spec.hi is None else spec.hi)
-    else:
-        if val > INT_MAX + (1 if neg else 0):
-            raise OSError(errno.EINVAL, "int overflow")
-        lo, hi = (INT_MIN if spec.lo is None else spec.lo), (INT_MAX if spec.hi is None else spec.hi)
+    elif val > INT_MAX + (1 if neg else 0):
+        raise OSError(errno.EINVAL, "int overflow")
+    lo, hi = spec.bounds()
     v = -val if neg else val
     if spec.sticky_max and current == hi:
         lo = hi                     # yama_dointvec_minmax: scope 3 is a one-way trip
