@@ -4,7 +4,11 @@ A child unshares a user namespace (0 -> 300000, 65536) and a mount namespace, ge
 idmapped bind of a host directory (host root's files appear as its own root's, as in an
 isobox container with -v), mounts a tmpfs, loads isobox's trap (merge_trap) and hands the
 listener to this process, which serves it with the real Notifier and handlers. The child then
-tries to plant set-uid files; the host directory is checked from here, on the host."""
+tries to plant set-uid files; the host directory is checked from here, on the host.
+
+This process plays the runtime too: it registers the container's storage as create would
+(mounts/storage.py): one idmapped mount ("own") is the container's own root mount, where
+set-id files are fine; the host's root filesystem, which the child still sees as "/", is not."""
 from __future__ import annotations
 
 import array
@@ -65,16 +69,18 @@ def _io_uring_setup() -> object:
 
 def _scenario(d: dict) -> dict:
     """In the child, after the filter is loaded: every attempt, by name -> result."""
-    bind, tmp, rootf = d["bind"], d["tmpfs"], d["rootf"]
+    bind, tmp, rootf, own = d["bind"], d["tmpfs"], d["rootf"], d["own"]
     r: dict[str, object] = {}
     r["chmod_setuid_bind"] = _try(lambda: os.chmod(f"{bind}/f", 0o4755))
     r["chmod_setgid_bind"] = _try(lambda: os.chmod(f"{bind}/f", 0o2755))
     r["chmod_plain_bind"] = _try(lambda: os.chmod(f"{bind}/f", 0o750))
     r["chmod_setuid_tmpfs"] = _try(lambda: os.chmod(f"{tmp}/g", 0o4755))
     r["tmpfs_mode"] = oct(os.stat(f"{tmp}/g").st_mode & 0o7777)
-    r["chmod_setuid_rootfs_own"] = _try(lambda: os.chmod(rootf, 0o4755))
-    r["rootfs_mode"] = oct(os.stat(rootf).st_mode & 0o7777)
-    r["chmod_setuid_rootfs_not_owner"] = _try(lambda: os.chmod(d["hostowned"], 0o4755))
+    r["chmod_setuid_rootfs_own"] = _try(lambda: os.chmod(f"{own}/o", 0o4755))
+    r["rootfs_mode"] = oct(os.stat(f"{own}/o").st_mode & 0o7777)
+    r["chmod_setuid_rootfs_not_owner"] = _try(lambda: os.chmod(f"{own}/hostowned", 0o4755))
+    # "/" here is the host's root filesystem, which host users reach: not the container's own
+    r["chmod_setuid_host_root"] = _try(lambda: os.chmod(rootf, 0o4755))
     r["chmod_setgid_dir_bind"] = _try(lambda: os.chmod(f"{bind}/dir", 0o2775))
     os.chdir(bind)
     r["chmod_relative_bind"] = _try(lambda: os.chmod("f", 0o6755))
@@ -120,8 +126,9 @@ def _child(d: dict, sock: socket.socket, go_r: int, out_w: int, compiled) -> Non
         os.setresuid(0, 0, 0)
         k.unshare(k.CLONE_NEWNS)
         k.mount(None, "/", None, k.MS_REC | k.MS_PRIVATE)
-        mfd = _recv_fd(sock)
-        k.move_mount(mfd, "", k.AT_FDCWD, d["bind"], k.MOVE_MOUNT_F_EMPTY_PATH)
+        for where in ("bind", "own"):
+            mfd = _recv_fd(sock)
+            k.move_mount(mfd, "", k.AT_FDCWD, d[where], k.MOVE_MOUNT_F_EMPTY_PATH)
         k.mount("tmpfs", d["tmpfs"], "tmpfs", 0, "mode=755")
         with open(f"{d['tmpfs']}/g", "w"):
             pass
@@ -133,7 +140,7 @@ def _child(d: dict, sock: socket.socket, go_r: int, out_w: int, compiled) -> Non
     os._exit(0)
 
 
-def _serve(listener: int, counts: Counter, verdicts: list, stop: threading.Event) -> None:
+def _serve(listener: int, counts: Counter, verdicts: list, stop: threading.Event, container) -> None:
     from isobox.daemon.syscalls import notify, registry
     handlers = registry.load()
     n = notify.Notifier(handlers, lambda c, v: verdicts.append((c.name, c.detail, v)), lambda key: None)
@@ -144,7 +151,7 @@ def _serve(listener: int, counts: Counter, verdicts: list, stop: threading.Event
             if ev & select.POLLIN:
                 raw = notify.recv(listener)
                 if raw is not None:
-                    call = notify.make_call(listener, raw, None)
+                    call = notify.make_call(listener, raw, container)
                     counts[call.name] += 1
                     n.handle(call)
             elif ev & (select.POLLHUP | select.POLLERR):
@@ -161,7 +168,7 @@ def run():
     base = pathlib.Path(tempfile.mkdtemp(prefix="isobox-setid-", dir="/tmp"))
     os.chmod(base, 0o755)
     plant = base / "plant"
-    for p in ("plant", "plant/dir", "bind", "tmpfs"):
+    for p in ("plant", "plant/dir", "bind", "tmpfs", "ownsrc", "own"):
         (base / p).mkdir()
         os.chmod(base / p, 0o755)
     (plant / "f").write_bytes(b"#!/bin/sh\n")
@@ -169,8 +176,13 @@ def run():
     rootf, hostowned = base / "rootf", base / "hostowned"
     rootf.write_bytes(b"")
     hostowned.write_bytes(b"")
-    os.chown(rootf, BASE, BASE)             # the child's root owns it: a file of the container's rootfs
-    d = {"bind": str(base / "bind"), "tmpfs": str(base / "tmpfs"), "rootf": str(rootf), "hostowned": str(hostowned)}
+    os.chown(rootf, BASE, BASE)             # the child's root owns it, on the host's root filesystem
+    (base / "ownsrc" / "o").write_bytes(b"")
+    os.chown(base / "ownsrc" / "o", 0, 0)   # container root's, through the idmapped mount
+    (base / "ownsrc" / "hostowned").write_bytes(b"")
+    os.chown(base / "ownsrc" / "hostowned", SIZE + 1, SIZE + 1)   # mapped to nobody inside
+    d = {"bind": str(base / "bind"), "tmpfs": str(base / "tmpfs"), "rootf": str(rootf), "hostowned": str(hostowned),
+         "own": str(base / "own")}
     compiled = compile_profile(merge_trap(None))
     ps, cs = socket.socketpair()
     go_r, go_w = os.pipe()
@@ -187,18 +199,24 @@ def run():
             f.write(f"0 {BASE} {SIZE}\n")
     os.write(go_w, b"g")
     userns = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY)
-    mfd = k.open_tree(k.AT_FDCWD, str(plant), k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC)
-    k.mount_setattr(mfd, "", k.AT_EMPTY_PATH, attr_set=k.MOUNT_ATTR_IDMAP, userns_fd=userns)
-    _send_fd(ps, mfd)
-    os.close(mfd)
+    own_mount = 0
+    for src in (plant, base / "ownsrc"):
+        mfd = k.open_tree(k.AT_FDCWD, str(src), k.OPEN_TREE_CLONE | k.OPEN_TREE_CLOEXEC)
+        k.mount_setattr(mfd, "", k.AT_EMPTY_PATH, attr_set=k.MOUNT_ATTR_IDMAP, userns_fd=userns)
+        own_mount = k.statx_mount(mfd, unique=True)[0]
+        _send_fd(ps, mfd)
+        os.close(mfd)
     os.close(userns)
+    from isobox.daemon.fs.context import Container
+    container = Container(key="t", id="t", uid_base=BASE, gid_base=BASE, cgroups={}, init_pid=pid,
+                          storage={"private_mounts": [own_mount], "host_devs": [os.stat(plant).st_dev]})
     listener = _recv_fd(ps)
     if listener < 0:
         pytest.fail(f"child failed: {os.read(out_r, 65536).decode()}")
     counts: Counter = Counter()
     verdicts: list = []
     stop = threading.Event()
-    t = threading.Thread(target=_serve, args=(listener, counts, verdicts, stop), daemon=True)
+    t = threading.Thread(target=_serve, args=(listener, counts, verdicts, stop, container), daemon=True)
     t.start()
     out = b""
     while True:
@@ -227,7 +245,8 @@ def test_setuid_on_host_bind_refused(run):
     assert res["chmod_via_symlink"] == "EPERM"
     assert not os.stat(plant / "f").st_mode & (stat.S_ISUID | stat.S_ISGID)
     reasons = [v.reason for name, _d, v in verdicts if name == "chmod" and v.kind == "error"]
-    assert any("set-uid bit on" in r and "is a host directory" in r for r in reasons), reasons
+    assert any("set-uid bit on" in r and "host directory" in r for r in reasons), reasons
+    assert res["chmod_setuid_host_root"] == "EPERM"              # the host's "/" is not the container's
 
 
 def test_plain_chmod_never_reaches_the_daemon(run):
@@ -248,7 +267,8 @@ def test_setuid_allowed_on_tmpfs_and_rootfs(run):
 
 def test_performed_with_the_callers_credentials(run):
     res, *_ = run
-    assert res["chmod_setuid_rootfs_not_owner"] == "EPERM"       # the kernel's owner check, not ours
+    # the kernel's answer for an owner outside the mount's idmapping (not isobox's EPERM)
+    assert res["chmod_setuid_rootfs_not_owner"] == "EOVERFLOW"
     assert res["chmod_setgid_dir_bind"] == "ok"                  # a set-gid directory plants nothing
 
 

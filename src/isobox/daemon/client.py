@@ -134,8 +134,10 @@ def register(key: str, cid: str, uid_base: int, gid_base: int, cgroups: dict[str
     return f"{paths.FS_ROOT}/{key}"
 
 
-def set_init(key: str, pid: int, start: int) -> None:
-    call({"op": "set_init", "key": key, "init_pid": pid, "init_start": start})
+def set_init(key: str, pid: int, start: int, storage: dict | None = None) -> None:
+    """The init's pid once create finished, and the container's storage (mounts/storage.py):
+    where set-id files may be made."""
+    call({"op": "set_init", "key": key, "init_pid": pid, "init_start": start, "storage": storage or {}})
 
 
 def unregister(key: str) -> None:

@@ -134,6 +134,8 @@ class Server:
                 return {"ok": False, "error": f"container {req['key']} is not registered"}
             c = self.fs.by_idx[idx]
             c.init_pid, c.init_start = int(req["init_pid"]), int(req.get("init_start", 0))
+            c.storage = {k: [int(v) for v in req.get("storage", {}).get(k, ())]
+                         for k in ("private_devs", "private_mounts", "host_devs")}
             self.fs.save(c)
             return {"ok": True}
         if op == "unregister":

@@ -150,7 +150,9 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
             shares_userns_of=plan.shares_userns_of, freezer=_freezer_file(cg))
         alloc.set_init(holder, st.pid, st.starttime)
         from isobox.daemon import client
-        client.set_init(client.daemon_key(store.root, cid), st.pid, st.starttime)
+        from isobox.mounts import storage
+        client.set_init(client.daemon_key(store.root, cid), st.pid, st.starttime,
+                        storage.registration(plan, st.pid))
         store.save_config(cid, spec)
         store.save(st)
         if pid_file:

@@ -83,6 +83,7 @@ FSOPEN_CLOEXEC = 1
 FSMOUNT_CLOEXEC = 1
 FSCONFIG_SET_FLAG = 0
 FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
 FSCONFIG_CMD_CREATE = 6
 
 # --- openat2 resolve flags ---
@@ -222,6 +223,13 @@ def fsconfig(fd: int, cmd: int, key: str | None = None, value: str | None = None
            "fsconfig", f"{key}={value}" if key else cmd)
 
 
+def fsconfig_fd(fd: int, key: str, value_fd: int) -> None:
+    """FSCONFIG_SET_FD: a parameter given as an fd (overlay layers, Linux 6.13): the kernel
+    takes what the fd refers to, never a path resolved again."""
+    _check(_syscall(_L(SYS_fsconfig), _L(fd), _L(FSCONFIG_SET_FD), _P(key.encode()), _P(None), _L(value_fd)),
+           "fsconfig", key)
+
+
 def fsmount(fd: int, flags: int = FSMOUNT_CLOEXEC, attr_flags: int = 0) -> int:
     return _check(_syscall(_L(SYS_fsmount), _L(fd), _UL(flags), _UL(attr_flags)), "fsmount")
 
@@ -299,10 +307,15 @@ MS_MGC_VAL = 0xC0ED0000
 MS_MGC_MSK = 0xFFFF0000
 
 
-def statx_mount(fd: int) -> tuple[int, bool]:
-    """(mount id, is the root of its mount) of what fd points at (an O_PATH fd is fine)."""
+STATX_MNT_ID_UNIQUE = 0x4000       # Linux 6.8: 64-bit mount ids that are never reused
+
+
+def statx_mount(fd: int, unique: bool = False) -> tuple[int, bool]:
+    """(mount id, is the root of its mount) of what fd points at (an O_PATH fd is fine);
+    unique: the never-reused id (Linux 6.8), for ids kept beyond the life of an fd."""
     buf = ctypes.create_string_buffer(256)            # struct statx
-    _check(_syscall(_L(SYS_statx), _L(fd), _P(b""), _L(AT_EMPTY_PATH), _UL(STATX_MNT_ID), buf), "statx")
+    mask = STATX_MNT_ID_UNIQUE if unique else STATX_MNT_ID
+    _check(_syscall(_L(SYS_statx), _L(fd), _P(b""), _L(AT_EMPTY_PATH), _UL(mask), buf), "statx")
     attributes, = struct.unpack_from("Q", buf.raw, 8)     # stx_attributes
     mnt_id, = struct.unpack_from("Q", buf.raw, 0x90)      # stx_mnt_id
     return mnt_id, bool(attributes & STATX_ATTR_MOUNT_ROOT)
@@ -311,6 +324,8 @@ def statx_mount(fd: int) -> tuple[int, bool]:
 # --- filesystem type (statfs(2)) ---
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
+OVERLAYFS_SUPER_MAGIC = 0x794C7630
+FUSE_SUPER_MAGIC = 0x65735546
 
 
 def fstatfs(fd: int) -> int:

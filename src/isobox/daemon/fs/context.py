@@ -20,6 +20,8 @@ class Container:
     sysctl: dict[str, str] = field(default_factory=dict)  # per-container values of emulated sysctls
     masked: list[str] = field(default_factory=list)     # the spec's maskedPaths: new proc/sysfs mounts get them too
     readonly: list[str] = field(default_factory=list)   # and its readonlyPaths
+    storage: dict[str, list[int]] = field(default_factory=dict)  # mounts/storage.py: where set-id
+                                  # files may be made (private_devs, private_mounts, host_devs)
 
 
 def boottime() -> float:

@@ -4,9 +4,11 @@ New proc and sysfs mounts are performed by isoboxd (nsmount.new_fs), because the
 refuses them to everyone inside a container whose /proc carries locked overmounts; the new
 filesystem gets the same isoboxd nodes and masks as the container's own, locked. Filesystems
 no user namespace may mount (block-device filesystems, anything exposing host state) are
-refused with EPERM and a reason. Everything else — remounts, binds, moves, propagation
-changes, tmpfs, overlay, devpts, mqueue, cgroup, fuse — continues: the kernel's own checks on
-the caller (capabilities in the owning user namespace, locked mounts) are the policy there."""
+refused with EPERM and a reason. A new overlay is performed by isoboxd too, as the caller,
+and refused when its upper directory is not the container's own storage (copy-up would carry
+an image's set-uid files there). Everything else — remounts, binds, moves, propagation
+changes, tmpfs, devpts, mqueue, cgroup, fuse — continues: the kernel's own checks on the
+caller (capabilities in the owning user namespace, locked mounts) are the policy there."""
 from __future__ import annotations
 
 import errno
@@ -18,14 +20,16 @@ from isobox.linux.nscaps import CAP_SYS_ADMIN
 from isobox.daemon.syscalls import nsmount
 from isobox.daemon.syscalls.call import Call, Verdict, defer, done, own_fd, proceed, refuse
 from isobox.daemon.syscalls.registry import handles
+from isobox.daemon.syscalls.storage import Storage, host_devices
 from isobox.linux import syscalls as sc
 
 # the namespace whose owner must grant CAP_SYS_ADMIN for a new one (fs/proc/root.c: the
 # caller's pid namespace; fs/sysfs/mount.c: its net namespace), besides its mount namespace's
 CREATOR_NS = {"proc": "pid", "sysfs": "net"}
+OVERLAY_DATA_MAX = 4096       # legacy mount data is one page (copy_mount_options)
 EMULATED_TYPES = ("proc", "sysfs")
 # FS_USERNS_MOUNT filesystems (the kernel mounts them for a user namespace's root itself)
-USERNS_TYPES = frozenset({"tmpfs", "ramfs", "overlay", "devpts", "mqueue", "cgroup", "cgroup2", "fuse",
+USERNS_TYPES = frozenset({"tmpfs", "ramfs", "devpts", "mqueue", "cgroup", "cgroup2", "fuse",
                           "binfmt_misc", "bpf", "tracefs"})
 # flags that change or move an existing mount: the kernel decides, on locked mounts too
 EXISTING = sc.MS_REMOUNT | sc.MS_BIND | sc.MS_MOVE | sc.MS_SHARED | sc.MS_PRIVATE | sc.MS_SLAVE | sc.MS_UNBINDABLE
@@ -61,6 +65,11 @@ def mount(call: Call) -> Verdict:
     call.detail.update(source=source, target=target, fstype=fstype, flags=flag_names(flags))
     if flags & EXISTING:
         return proceed("changes an existing mount: the kernel's checks (locked mounts) apply")
+    if fstype == "overlay":
+        # performed by isoboxd: its upper directory is where copy-up writes (see _overlay)
+        data = _opt_str(call, data_p, OVERLAY_DATA_MAX) if data_p else None
+        call.detail["data"] = data
+        return defer(lambda: _overlay(call, target, flags, data))
     if fstype in EMULATED_TYPES:
         # proc and sysfs data are short option strings (hidepid=, gid=, subset=)
         data = _opt_str(call, data_p, 4096) if data_p else None
@@ -85,6 +94,47 @@ def mount_attrs(flags: int) -> int:
     return sum(attr for ms, attr in ATTRS if flags & ms)
 
 
+def _target_fd(call: Call, target: str) -> int | None:
+    """The daemon's O_PATH fd of a /proc/self/fd/N target (runc's form), else None."""
+    n = own_fd(target)
+    if n is None:
+        return None
+    try:
+        return os.open(f"/proc/{call.pid}/fd/{n}", os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OSError(errno.ENOENT, f"caller has no descriptor {n}") from None
+
+
+def _overlay(call: Call, target: str, flags: int, data: str | None) -> Verdict:
+    """An overlay whose upper directory may not hold set-id files is refused: copy-up copies
+    the lower file's mode, so touching an image's set-uid root binary through it would put a
+    set-uid root file there (a host bind, say). Otherwise mounted for the caller, as the
+    caller (nsmount.new_overlay): the kernel makes every other check it would make."""
+    if call.container is None:
+        return refuse(errno.EPERM, "not a registered container")
+    if not nscaps.capable_over(call.pid, "mnt", CAP_SYS_ADMIN):
+        return refuse(errno.EPERM, "overlay mount without CAP_SYS_ADMIN over the caller's mount namespace")
+    caller = nsmount.open_caller(call.pid)
+    target_fd = None
+    try:
+        target_fd = _target_fd(call, target)
+        if not call.valid():
+            return refuse(errno.ESRCH, "caller went away")
+        req = nsmount.NewOverlay(target, call.detail.get("source"), fs_options(data), mount_attrs(flags),
+                                 Storage.of(call.container.storage), host_devices(), target_fd)
+        why = nsmount.new_overlay(caller, req)
+    finally:
+        caller.close()
+        if target_fd is not None:
+            os.close(target_fd)
+    if why:
+        return refuse(errno.EPERM, f"overlay refused: its upper directory is on {why}, where copy-up would "
+                                   "put the image's set-uid files within host users' reach")
+    if not call.valid():
+        return refuse(errno.EINTR, "caller went away while mounting")
+    return done(0, "overlay mounted as the caller (upper directory on the container's own storage)")
+
+
 def _new_fs(call: Call, fstype: str, target: str, flags: int, data: str | None) -> Verdict:
     if call.container is None:
         return refuse(errno.EPERM, "not a registered container")
@@ -96,12 +146,7 @@ def _new_fs(call: Call, fstype: str, target: str, flags: int, data: str | None) 
     caller = nsmount.open_caller(call.pid)
     target_fd = None
     try:
-        n = own_fd(target)
-        if n is not None:
-            try:
-                target_fd = os.open(f"/proc/{call.pid}/fd/{n}", os.O_PATH | os.O_CLOEXEC)
-            except FileNotFoundError:
-                return refuse(errno.ENOENT, f"caller has no descriptor {n}")
+        target_fd = _target_fd(call, target)
         if not call.valid():                    # the fds above are the caller's, not a reused pid's
             return refuse(errno.ESRCH, "caller went away")
         c = call.container

@@ -1,7 +1,8 @@
 """The new mount API: fsopen, fspick, open_tree.
 
-fsopen("proc"/"sysfs") answers ENOSYS: libmount (util-linux >= 2.39) and runc then fall
-back to mount(2), which isoboxd emulates (mount.py). Answering ENOSYS rather than letting it
+fsopen("proc"/"sysfs"/"overlay") answers ENOSYS: libmount (util-linux >= 2.39) and runc then
+fall back to mount(2), which isoboxd emulates or vets (mount.py); an overlay's upper
+directory named through fsconfig would bypass that vetting. Answering ENOSYS rather than letting it
 through matters: the kernel would refuse the too-revealing fsmount with EPERM, which callers
 report as an error instead of falling back.
   Measured (kernel 6.18, privileged isobox container with all capabilities, trap off):
@@ -18,7 +19,8 @@ import errno
 from isobox.daemon.syscalls.call import Call, Verdict, proceed, refuse
 from isobox.daemon.syscalls.registry import handles
 
-FALLBACK_TYPES = ("proc", "sysfs")
+# proc and sysfs are emulated, overlay vetted (mount.py): all three only through mount(2)
+FALLBACK_TYPES = ("proc", "sysfs", "overlay")
 
 
 @handles("fsopen")
@@ -26,7 +28,7 @@ def fsopen(call: Call) -> Verdict:
     fstype = call.read_str(call.args[0], 256)
     call.detail.update(fstype=fstype, flags=hex(call.args[1]))
     if fstype in FALLBACK_TYPES:
-        return refuse(errno.ENOSYS, f"fsopen({fstype}) is emulated through mount(2): callers fall back to it")
+        return refuse(errno.ENOSYS, f"fsopen({fstype}) is handled through mount(2): callers fall back to it")
     return proceed("the kernel checks fsmount (mount_too_revealing, FS_USERNS_MOUNT)")
 
 

@@ -14,12 +14,12 @@ the operation on it; the kernel still applies its own permission rules (owner or
 set-gid clearing without CAP_FSETID, idmapped mounts). Opens return the helper's fd to the
 caller with SECCOMP_IOCTL_NOTIF_ADDFD.
 
-The decision (_safe_mount), for a set-id mode on a regular file or any security.capability:
-allowed only on (a) the container's root filesystem mount, i.e. the mount on top of "/" of the
-caller's mount namespace (not the caller's root, which a chroot into a host bind would change),
-or (b) a tmpfs/ramfs that is not mounted in the host's mount namespace (memory the container
-mounted itself). Everything else (host binds, overlays mounted inside the container, other disk
-filesystems) is refused with EPERM: the simple rule, as the brief allows.
+The decision (storage.may_hold_setid, for a set-id mode on a regular file or any
+security.capability): on what the resolved target is, against the storage the runtime
+registered for the container at create: its own root filesystem and filesystems it mounted
+itself (memory, FUSE, vetted overlays) may hold set-id files; host binds, a rootfs that host
+users can reach, anything mounted on the host, and anything unknown may not (EPERM). Never
+on "/" of the caller's mount namespace, which pivot_root into a host bind would move.
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from isobox.daemon.fs import nsexec
 from isobox.daemon.syscalls import notify
 from isobox.daemon.syscalls.call import Call, Verdict, done, own_fd, refuse
 from isobox.daemon.syscalls.registry import handles
+from isobox.daemon.syscalls.storage import Storage, host_devices, may_hold_setid
 from isobox.linux import syscalls as sc
 
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -44,7 +45,7 @@ OPEN_HOW_SIZE_VER0 = 24
 O_TMPFILE = os.O_TMPFILE                      # includes O_DIRECTORY
 AT_SYMLINK_NOFOLLOW = 0x100
 AT_EMPTY_PATH = 0x1000
-REFUSED = -1                                  # helper result: the policy said no (payload: mount id)
+REFUSED = -1                                  # helper result: the policy said no (payload: "mount id|why")
 
 
 # ------------------------------------------------------------------ arguments, per ABI
@@ -88,9 +89,9 @@ class _Env:
     proc: int                                 # the daemon's /proc (host pid namespace)
     cgroup: int                               # its cgroup.procs (v2), -1 when unknown
     umask: int
+    storage: Storage                          # what the runtime registered (mounts/storage.py)
     host_devs: frozenset[int]                 # st_dev of every mount in the host's namespace
     fds: dict[int, int] = field(default_factory=dict)   # caller fd number -> our O_PATH fd of it
-    top: list[int] = field(default_factory=list)        # in the helper: fd of "/" of its mount ns
 
     def held(self) -> list[int]:
         return [self.root, self.cwd, self.mntns, self.proc, self.cgroup, *self.fds.values()]
@@ -139,16 +140,6 @@ def _umask(pid: int) -> int:
     return 0o022
 
 
-def _host_devs() -> frozenset[int]:
-    """Devices of every mount the host sees: a tmpfs among them is reachable by host users."""
-    out = set()
-    with open("/proc/1/mountinfo") as f:
-        for line in f:
-            major, minor = line.split()[2].split(":")
-            out.add(os.makedev(int(major), int(minor)))
-    return frozenset(out)
-
-
 def _cgroup_procs(pid: int) -> int:
     """cgroup.procs of the caller's v2 cgroup: the helper joins it, so the device controller
     and limits that bind the caller bind what the helper opens for it too."""
@@ -162,7 +153,7 @@ def _cgroup_procs(pid: int) -> int:
         return -1
 
 
-def _env(pid: int) -> _Env:
+def _env(pid: int, registered: dict | None) -> _Env:
     fds: list[int] = []
     try:
         for name, flags in (("root", os.O_PATH | os.O_DIRECTORY), ("cwd", os.O_PATH | os.O_DIRECTORY),
@@ -170,7 +161,7 @@ def _env(pid: int) -> _Env:
             fds.append(_proc_open(pid, name, flags))
         fds.append(os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
         fds.append(_cgroup_procs(pid))
-        return _Env(pid, *fds, umask=_umask(pid), host_devs=_host_devs())
+        return _Env(pid, *fds, umask=_umask(pid), storage=Storage.of(registered), host_devs=host_devices())
     except BaseException:
         for fd in fds:
             if fd >= 0:
@@ -181,27 +172,21 @@ def _env(pid: int) -> _Env:
 # ------------------------------------------------------------------ in the helper (syscalls only)
 
 def _enter(env: _Env) -> None:
-    """Still host root: join the caller's cgroup and mount namespace (whose "/" is the
-    container's root filesystem), then take the caller's root and cwd."""
+    """Still host root: join the caller's cgroup and mount namespace, then take the caller's
+    root and cwd."""
     if env.cgroup >= 0:
         os.write(env.cgroup, b"0")
     sc.setns(env.mntns, sc.CLONE_NEWNS)
-    env.top.append(os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC))
     os.fchdir(env.root)
     os.chroot(".")
     os.fchdir(env.cwd)
     os.umask(env.umask)
 
 
-def _safe_mount(env: _Env, fd: int) -> tuple[bool, int]:
-    """(may a set-id file live here, the mount id): the rule in the module docstring. Both fds
-    are open while compared, so a mount id cannot have been freed and reused in between."""
-    mnt, _ = sc.statx_mount(fd)
-    if mnt == sc.statx_mount(env.top[0])[0]:
-        return True, mnt
-    if sc.fstatfs(fd) in (sc.TMPFS_MAGIC, sc.RAMFS_MAGIC) and os.fstat(fd).st_dev not in env.host_devs:
-        return True, mnt
-    return False, mnt
+def _safe_mount(env: _Env, fd: int) -> tuple[bool, bytes]:
+    """(may a set-id file live where fd is, the refusal's payload: "mount id|why")."""
+    ok, why = may_hold_setid(fd, env.storage, env.host_devs)
+    return ok, b"" if ok else f"{sc.statx_mount(fd)[0]}|{why}".encode()
 
 
 def _resolve(dirfd: int, path: str, follow: bool, empty_ok: bool) -> int:
@@ -228,7 +213,7 @@ def _chmod_in_helper(env: _Env, dirfd: int, path: str | None, mode: int, follow:
     if mode & SETID and stat.S_ISREG(st.st_mode):
         ok, mnt = _safe_mount(env, fd)
         if not ok:
-            return REFUSED, str(mnt).encode(), -1
+            return REFUSED, mnt, -1
     os.chmod(_magic(env, fd), mode, dir_fd=env.proc)
     return 0, b"", -1
 
@@ -239,7 +224,7 @@ def _setxattr_in_helper(env: _Env, dirfd: int, path: str | None, name: str, valu
     if name == CAPS_XATTR and stat.S_ISREG(os.fstat(fd).st_mode):
         ok, mnt = _safe_mount(env, fd)
         if not ok:
-            return REFUSED, str(mnt).encode(), -1
+            return REFUSED, mnt, -1
     os.fchdir(env.proc)               # setxattr has no dirfd form: the magic link, relative to /proc
     os.setxattr(_magic(env, fd), name, value, flags)
     return 0, b"", -1
@@ -261,7 +246,7 @@ def _open_in_helper(env: _Env, dirfd: int, path: str, flags: int, mode: int, res
         d = sc.openat2(dirfd, path, os.O_PATH | os.O_DIRECTORY, 0, resolve)
         ok, mnt = _safe_mount(env, d)
         if not ok:
-            return REFUSED, str(mnt).encode(), -1
+            return REFUSED, mnt, -1
         return 0, b"", sc.openat2(d, ".", flags, mode, 0)
     for _hop in range(40):
         parent, base = _split(path)
@@ -300,7 +285,7 @@ def _create_in(env: _Env, pfd: int, base: str, flags: int, mode: int) -> tuple[i
         except FileNotFoundError:
             if ok:
                 raise
-            return REFUSED, str(mnt).encode(), -1
+            return REFUSED, mnt, -1
         if stat.S_ISLNK(st.st_mode):
             if flags & os.O_NOFOLLOW or flags & (os.O_CREAT | os.O_EXCL) == os.O_CREAT | os.O_EXCL:
                 raise OSError(errno.EEXIST if flags & os.O_EXCL else errno.ELOOP, "symlink") from None
@@ -316,7 +301,7 @@ def _mknod_in_helper(env: _Env, dirfd: int, path: str, mode: int, dev: int) -> t
     pfd = sc.openat2(dirfd, parent, os.O_PATH | os.O_DIRECTORY, 0, 0)
     ok, mnt = _safe_mount(env, pfd)
     if not ok:
-        return REFUSED, str(mnt).encode(), -1
+        return REFUSED, mnt, -1
     os.mknod(base, mode, dev, dir_fd=pfd)     # mknod never follows a trailing symlink: same mount
     return 0, b"", -1
 
@@ -359,9 +344,9 @@ def _run(call: Call, env: _Env, fn, what: str, target: str,
         raise OSError(errno.ESRCH, "caller gone")
     res, payload, fd = nsexec.run_fn(call.pid, fn, before=lambda: _enter(env), keep=env.held())
     if res == REFUSED:
-        where = _mount_point(call.pid, int(payload or b"0"))
-        return refuse(errno.EPERM, f"{what} on {target} refused: {where} is a host directory "
-                                   f"({harm})")
+        mnt, _, why = payload.decode(errors="replace").partition("|")
+        where = _mount_point(call.pid, int(mnt or 0))
+        return refuse(errno.EPERM, f"{what} on {target} refused: {where} is {why} ({harm})")
     return res, fd
 
 
@@ -382,7 +367,7 @@ def _what(mode: int) -> str:
 
 def _with_env(call: Call, body) -> Verdict:
     _check_arch(call)
-    env = _env(call.pid)
+    env = _env(call.pid, call.container.storage if call.container is not None else None)
     try:
         return body(env)
     finally:
