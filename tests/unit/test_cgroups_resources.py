@@ -126,7 +126,8 @@ def test_update_on_fake_tree(kernel):
     cg = ContainerCgroup(k.layout, "/isobox/c1")
     cg.create({"pids": {"limit": 10}, "memory": {"limit": 64 * MiB}})
     cg.update({"pids": {"limit": 20}, "cpu": {"quota": 30000, "period": 100000},
-               "devices": [{"allow": True, "type": "c", "major": 4, "minor": -1, "access": "rw"}]})
+               "devices": [{"allow": True, "type": "c", "major": 4, "minor": -1, "access": "rw"}]},
+              dev.allowed([("c", 4, -1)]))     # the allow list must name c 4:* for it to pass
     d = cg.dir("")
     assert _get(f"{d}/pids.max") == "20" and _get(f"{d}/cpu.max") == "30000 100000"
     assert _get(f"{d}/memory.max") == str(64 * MiB)  # untouched

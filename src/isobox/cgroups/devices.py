@@ -6,16 +6,27 @@ starts from deny "a", then each rule; isobox's harmless character devices are al
 last, so a spec that denies everything still gets a working /dev. The v2 program is
 generated from the emulator's final rules exactly as runc's devicefilter does: every
 block has the same action (the opposite of the default), so their order is irrelevant.
+
+Whatever the spec's rules say, the result is clamped (clamp()) to an allow list before
+either backend sees it: CORE plus the policy's [devices] allow. The rootfs is not nodev, so
+a node shipped in an image would otherwise reach any host device a rule such as
+{"allow": true} (docker run --privileged) opens up.
 """
 from __future__ import annotations
+
+from _collections_abc import Iterable   # collections.abc without collections (~2 ms a call)
 
 from isobox.linux import bpf
 from isobox.plain import Frozen, Plain
 
 from .layout import CgroupError
 
-# (type, major, minor) of the character devices isobox binds into every container.
-ALWAYS_ALLOWED: tuple[tuple[str, int, int], ...] = (
+Key = tuple[str, int, int]   # (type "c"|"b", major, minor); -1 = any
+
+# (type, major, minor) every container may use whatever the policy says: the nodes isobox
+# always binds (the OCI defaults) and the container's own devpts (a c 136:N or 5:2 node
+# opened outside a devpts instance reaches no host pty: the kernel looks the pty up there).
+CORE: tuple[Key, ...] = (
     ("c", 1, 3),     # null
     ("c", 1, 5),     # zero
     ("c", 1, 7),     # full
@@ -24,6 +35,11 @@ ALWAYS_ALLOWED: tuple[tuple[str, int, int], ...] = (
     ("c", 5, 0),     # tty
     ("c", 5, 2),     # ptmx
     ("c", 136, -1),  # pts/*
+)
+# Allowed after the spec's rules (with_defaults); fuse and tun then only pass the clamp when
+# the policy lists them (its default does). Also the clamp of a cgroup made without a policy
+# (isoboxd's own, which opens /dev/fuse).
+ALWAYS_ALLOWED: tuple[Key, ...] = CORE + (
     ("c", 10, 229),  # fuse
     ("c", 10, 200),  # net/tun
 )
@@ -98,6 +114,53 @@ def with_defaults(rules: list[Rule]) -> list[Rule]:
     """deny "a", the spec's rules in order, then isobox's always-allowed devices."""
     return ([Rule(False, "a", WILDCARD, WILDCARD, _ACCESS)] + list(rules)
             + [Rule(True, t, mj, mn, _ACCESS) for t, mj, mn in ALWAYS_ALLOWED])
+
+
+def allowed(policy_devices: Iterable[Key]) -> frozenset[Key]:
+    """The clamp's allow list for a container: CORE plus the policy's devices, given as
+    (type, major, minor) keys (isobox.policy.model.Policy.device_map(), resolved at create)."""
+    return frozenset(CORE) | frozenset(policy_devices)
+
+
+def _narrower(a: Key, b: Key) -> Key | None:
+    """The devices in both a and b (a key again: a wildcard meets a number or a wildcard)."""
+    if a[0] != b[0]:
+        return None
+    out = [a[0]]
+    for x, y in ((a[1], b[1]), (a[2], b[2])):
+        if x != WILDCARD and y != WILDCARD and x != y:
+            return None
+        out.append(y if x == WILDCARD else x)
+    return tuple(out)
+
+
+def clamp(rules: list[Rule], allow: Iterable[Key]) -> list[Rule]:
+    """The rules' effect restricted to the keys of allow: a deny-all list whose exceptions
+    grant no device outside allow, and inside it no more than the rules did. "m" is clamped
+    like "r" and "w" (in a user namespace the kernel refuses device mknod before asking the
+    cgroup, so it gains nothing; the allow list stays the one statement of device access)."""
+    emu = Emulator.from_rules(rules)
+    out = [Rule(False, "a", WILDCARD, WILDCARD, _ACCESS)]
+    for key in sorted(set(allow)):
+        t, mj, mn = key
+        if t not in ("c", "b"):
+            raise CgroupError(f"device allow list entry {key!r} must be of type c or b")
+        if emu.default_allow:
+            # everything but the deny exceptions: a deny that touches part of a wildcard key
+            # (c 136:5 in c 136:*) takes its access from the whole key, since a deny-all list
+            # cannot leave a hole; less access is the safe side
+            acc = set(_ACCESS)
+            for ekey, eacc in emu.exceptions.items():
+                if _narrower(ekey, key) is not None:
+                    acc -= set(eacc)
+            if acc:
+                out.append(Rule(True, t, mj, mn, _norm_access("".join(acc))))
+        else:
+            for ekey, eacc in emu.exceptions.items():
+                both = _narrower(ekey, key)
+                if both is not None:
+                    out.append(Rule(True, *both, eacc))
+    return Emulator.from_rules(out).rules()
 
 
 class Emulator(Plain):

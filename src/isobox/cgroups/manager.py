@@ -23,6 +23,7 @@ import errno
 import os
 import _signal as signal  # not signal.py: it imports enum (~8 ms per runtime call)
 import time
+from _collections_abc import Iterable   # collections.abc without collections (~2 ms a call)
 
 from isobox.plain import Frozen, Plain
 
@@ -472,9 +473,11 @@ class ContainerCgroup(Plain):
         return any(os.path.isdir(self._host_dir(h)) for h in self.layout.hierarchies)
 
     # -- create --
-    def create(self, resources: dict | None = None, owner: tuple[int, int] | None = None) -> None:
+    def create(self, resources: dict | None = None, owner: tuple[int, int] | None = None,
+               devices: Iterable[_dev.Key] = _dev.ALWAYS_ALLOWED) -> None:
         """Make the cgroup in every hierarchy and apply resources; device access always
-        starts from deny-all plus isobox's harmless character devices."""
+        starts from deny-all plus isobox's harmless character devices, and never goes
+        beyond `devices` (a container's: devices.allowed(policy), whatever its spec says)."""
         writes = plan_writes(resources, self.layout)  # refuse before touching anything
         rules = _dev.with_defaults(_dev.parse_rules((resources or {}).get("devices")))
         needed = {w.controller for w in writes}
@@ -483,7 +486,7 @@ class ContainerCgroup(Plain):
             for h in self.layout.hierarchies:
                 self._make(h, needed, created)
             self._apply(writes)
-            self._apply_devices(rules, fresh=True)
+            self._apply_devices(rules, devices, fresh=True)
             if owner is not None:
                 self._delegate(owner)
         except BaseException:
@@ -600,12 +603,13 @@ class ContainerCgroup(Plain):
             return "bpf", self._host_dir(self.layout.unified)
         return None
 
-    def _apply_devices(self, rules: list[_dev.Rule], fresh: bool) -> None:
+    def _apply_devices(self, rules: list[_dev.Rule], allow: Iterable[_dev.Key], fresh: bool) -> None:
         target = self._device_target()
         if target is None:
             # No devices cgroup at all (a v1 host without that hierarchy): the /dev binds
             # (harmless character devices only) and the user namespace still hold.
             return
+        rules = _dev.clamp(rules, allow)    # one clamp, before either backend
         kind, d = target
         if kind == "bpf":
             _attach_device_filter(d, _dev.bpf_program(rules))
@@ -633,12 +637,12 @@ class ContainerCgroup(Plain):
         return None if text is None else _dev.Emulator.from_v1_list(text).rules()
 
     # -- update --
-    def update(self, resources: dict) -> None:
+    def update(self, resources: dict, devices: Iterable[_dev.Key] = _dev.ALWAYS_ALLOWED) -> None:
         """Apply a new linux.resources object to the existing cgroup (runc update).
 
         Only set fields are written; "devices", when present, replaces the whole rule set
-        (again on top of deny-all and isobox's harmless devices). Validation is the one
-        create uses, and happens before anything is written.
+        (again on top of deny-all and isobox's harmless devices, clamped to `devices` as on
+        create). Validation is the one create uses, and happens before anything is written.
         """
         if not isinstance(resources, dict):
             raise CgroupError("resources must be a JSON object")
@@ -655,7 +659,7 @@ class ContainerCgroup(Plain):
                     cur = os.path.join(cur, part)
         self._apply(writes)
         if rules is not None:
-            self._apply_devices(rules, fresh=False)
+            self._apply_devices(rules, devices, fresh=False)
 
     # -- freezer --
     def _freezer(self) -> tuple[int, str]:

@@ -98,7 +98,10 @@ def create(store: StateStore, cid: str, bundle: str, pid_file: str | None = None
             raise IsoboxError(f"cgroup {plan.cgroups_path} is already in use; choose another cgroupsPath")
         try:
             cleanup.append(cg.destroy)
-            cg.create(plan.resources, (plan.uid_base, plan.gid_base))
+            # device access is the policy's allow list whatever the spec's rules say
+            from isobox.cgroups.devices import allowed
+            cg.create(plan.resources, (plan.uid_base, plan.gid_base),
+                      allowed(plan.policy.device_map() if plan.policy else ()))
             if handover.REMOTE is not None:
                 # after the mkdirs (the primer's first write holds cgroup_mutex while it waits);
                 # only in isoboxd's worker: the local path clones its init with a raw clone(2),

@@ -123,7 +123,12 @@ def update(store: StateStore, cid: str, flags: dict) -> None:
         res = resources_from_flags(flags)
         if not res:
             raise IsoboxError("update needs --resources FILE (or -) or at least one limit flag")
-    _cg_call(cgroup_of(st).update, res)
+    if "devices" in res:    # clamped to the policy in force, as on create
+        from isobox.cgroups.devices import allowed
+        from isobox.policy import model
+        _cg_call(cgroup_of(st).update, res, allowed(model.load().device_map()))
+    else:
+        _cg_call(cgroup_of(st).update, res)
     # keep the stored spec in step, so a later reader sees the limits in force
     config = store.load_config(st.id)
     merged = config.setdefault("linux", {}).setdefault("resources", {})

@@ -2,9 +2,13 @@
 
 The kernel refuses device nodes to anyone without CAP_MKNOD in the initial user namespace,
 so container root cannot `mknod /dev/null c 1 3` (image builds, chroot-style setup scripts
-and some package post-install scripts do). isoboxd makes these eight for the caller:
+and some package post-install scripts do). isoboxd makes these seven for the caller:
 
-  1:3 null  1:5 zero  1:7 full  1:8 random  1:9 urandom  5:0 tty  5:1 console  5:2 ptmx
+  1:3 null  1:5 zero  1:7 full  1:8 random  1:9 urandom  5:0 tty  5:2 ptmx
+
+They are the container's device cgroup's CORE (cgroups/devices.py), which the container may
+open whatever the policy says, so a node made here is always usable. 5:1 (console) is not
+one: it is the host's system console, which the clamp denies (EPERM here, not a dead node).
 
 Everything the kernel already allows a container (regular files, FIFOs, sockets, the 0:0
 overlayfs whiteout) continues into the kernel unchanged; a regular file with a set-id mode
@@ -40,7 +44,7 @@ from isobox.linux import sealed
 from isobox.linux import syscalls as sc
 
 SAFE = {(1, 3): "null", (1, 5): "zero", (1, 7): "full", (1, 8): "random", (1, 9): "urandom",
-        (5, 0): "tty", (5, 1): "console", (5, 2): "ptmx"}
+        (5, 0): "tty", (5, 2): "ptmx"}
 HARMLESS_OPEN = {"null", "zero", "full", "random", "urandom"}   # opening them has no side effect
 WHITEOUT = (0, 0)             # overlayfs whiteout: the kernel allows it in a user namespace itself
 AT_FDCWD = -100
@@ -180,7 +184,7 @@ def _caps_for(plan: Plan, parent_st: os.stat_result) -> int:
 
 def _usable(parent: int, name: str, plan: Plan) -> bool:
     """Whether device nodes work in that directory: open one (with a DAC override, so only
-    a nodev mount or an SB_I_NODEV superblock can say EACCES). tty, console and ptmx have
+    a nodev mount or an SB_I_NODEV superblock can say EACCES). tty and ptmx have
     side effects on open, so a scratch null node stands in for them."""
     probe = name if plan.harmless else f".isobox-mknod-probe-{os.getpid()}"
     if not plan.harmless:
