@@ -7,7 +7,7 @@ import subprocess
 import sys
 import uuid
 
-from isobox.cli import bundle, image
+from isobox.cli import bundle, image, layer
 
 # Runs inside; each line is key=value. The mount attacks are the ones a container escape
 # would start with; the kernel refuses them because the initial mounts are locked.
@@ -62,8 +62,13 @@ def _host_uptime() -> str:
 
 
 def demo() -> int:
-    rootfs = image.builtin_rootfs()
     cid = "demo-" + uuid.uuid4().hex[:8]
+    # its own writable layer over the image, like `isobox run` (the script below mkdirs in /mnt)
+    with layer.writable_layer(cid, image.builtin_rootfs()) as rootfs:
+        return _demo(cid, rootfs)
+
+
+def _demo(cid: str, rootfs: str) -> int:
     spec = bundle.make_spec(["sh", "-c", _INSIDE], rootfs, privileged=True, memory="256m", cpus="1")
     path = bundle.write_bundle(cid, spec)
     runc = [sys.executable, "-I", "-m", "isobox.runc.main"]
@@ -120,4 +125,6 @@ def demo() -> int:
         proc.wait(timeout=30)
         return 0 if inside.get("umount", "").startswith("refused") else 1
     finally:
+        # the container goes before its layer does, whatever ended the demo
+        subprocess.run([*runc, "delete", "--force", cid], capture_output=True)
         bundle.remove_bundle(path)

@@ -45,6 +45,8 @@ def _setup(argv: list[str]) -> int:
     load(DEFAULT_PATH)   # an existing file that isobox-runc would refuse fails set-up in one line
     from isobox.cli.image import builtin_rootfs
     root = builtin_rootfs()
+    from isobox.cli import layer
+    layer.collect()      # the layers of `isobox run`s that died, once their containers ended
     print(f"isobox: ID pool {start}-{start + count - 1} ({count // 65536} containers of 65536 IDs) "
           f"for user isobox; built-in image at {root}")
     return 0
@@ -82,23 +84,36 @@ def _parse_run(argv: list[str]) -> dict:
 
 def _run(argv: list[str]) -> int:
     import uuid
-    from isobox.cli import bundle, image
+    from contextlib import nullcontext
+    from isobox.cli import bundle, image, layer
+    from isobox.lifecycle import control, foreground
     from isobox.lifecycle.run import run
     from isobox.lifecycle.state import StateStore
     o = _parse_run(argv)
+    cid = "run-" + uuid.uuid4().hex[:12]
     if o["rootfs"]:
+        # the user's own directory: the container's root, written in place
         rootfs = os.path.abspath(o["rootfs"])
         if not os.path.isdir(rootfs):
             raise IsoboxError(f"--rootfs {o['rootfs']!r} is not a directory")
+        layer.refuse_storage(rootfs)
+        root = nullcontext(rootfs)
     else:
-        rootfs = image.builtin_rootfs(o["image"] or "busybox")
-    cid = "run-" + uuid.uuid4().hex[:12]
+        # the built-in image is never written: a layer of this container's own goes over it
+        rootfs = layer.rootfs_of(cid)
+        root = layer.writable_layer(cid, image.builtin_rootfs(o["image"] or "busybox"))
     spec = bundle.make_spec(o["args"] or ["sh"], rootfs, o["privileged"], o["memory"], o["cpus"])
-    path = bundle.write_bundle(cid, spec)
-    try:
-        return run(StateStore(), cid, path, None, detach=False, keep=False)
-    finally:
-        bundle.remove_bundle(path)
+    # from here until the container runs, a SIGTERM or SIGINT waits (and then goes to the
+    # container) instead of ending this process before it removed its layer
+    foreground.hold_signals()
+    store = StateStore()
+    with root:
+        path = bundle.write_bundle(cid, spec)
+        try:
+            return run(store, cid, path, None, detach=False, keep=False)
+        finally:
+            control.delete(store, cid, force=True)     # no-op unless run left it: never rm a live layer
+            bundle.remove_bundle(path)
 
 
 def main(argv: list[str] | None = None) -> int:
