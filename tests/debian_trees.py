@@ -3,7 +3,8 @@
 A tree is built in a temporary directory next to the cache entry and renamed into place
 only once debootstrap succeeded, so a cache entry that exists is complete (its marker file
 records the package set; a different set rebuilds it). Used by the nested-runtime tests
-(tests/integration/test_nested_debian.py, tests/e2e/test_docker_nested.py)."""
+(tests/integration/test_nested_debian.py, tests/e2e/test_docker_nested.py) and Docker in Docker
+(tests/e2e/test_docker_in_docker.py, whose tree with docker.io is cached under a name of its own)."""
 from __future__ import annotations
 
 import fcntl
@@ -51,16 +52,23 @@ def complete(path: str, include=INCLUDE) -> bool:
         return False
 
 
-def tree(suite: str, include=INCLUDE, timeout: float = 1800) -> tuple[str, float]:
-    """The cached tree for suite, and how long building it took (0.0 when reused)."""
+def tree(suite: str, include=INCLUDE, timeout: float = 1800, name: str | None = None) -> tuple[str, float]:
+    """The cached tree for suite, and how long building it took (0.0 when reused).
+
+    name: the cache entry (default: the suite's name). A tree with other packages gets a name
+    of its own ("bookworm-docker", say), so it never rebuilds the suite's default tree that
+    other tests share."""
+    name = name or suite
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"bad cache name {name!r}")
     os.makedirs(CACHE, exist_ok=True)
-    dest = os.path.join(CACHE, suite)
-    with open(os.path.join(CACHE, f".{suite}.lock"), "w") as lock:
+    dest = os.path.join(CACHE, name)
+    with open(os.path.join(CACHE, f".{name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)           # two pytest sessions never build the same tree
         if complete(dest, include):
             return dest, 0.0
         debootstrap = ensure_debootstrap()
-        work = tempfile.mkdtemp(prefix=f".{suite}-", dir=CACHE)
+        work = tempfile.mkdtemp(prefix=f".{name}-", dir=CACHE)
         start = time.monotonic()
         try:
             r = subprocess.run([debootstrap, "--variant=minbase", "--include=" + ",".join(include),
