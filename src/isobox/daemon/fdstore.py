@@ -5,9 +5,14 @@ while a server restarts). The holder keeps every listener and sends a copy to th
 server over a SOCK_SEQPACKET pair; a new server gets all of them again. A listener is
 forgotten when the server reports that every task using it exited (its fd hung up).
 
-Who may hand in a listener: anyone can connect (container processes are unprivileged host
-users), so the holder records the sender's pid (SCM_CREDENTIALS, stamped by the kernel) and
-the server accepts the listener only if that pid belongs to the registered container it names."""
+Who may hand in a listener: host root only. The socket is 0600 in root's 0700 RUN_DIR, and
+the peer's SO_PEERCRED uid must be 0: a container's init and exec's process connect just
+before they change credentials, while they are still host uid 0 (seccomp.Installer.early).
+The holder also records the sender's pid (SCM_CREDENTIALS, stamped by the kernel), and the
+server accepts the listener only if that pid belongs to the registered container it names.
+
+Cost per connection: one fd, never a thread (connloop.ConnLoop): at most MAX_CONNS, each
+dropped when it has not delivered its listener within IDLE seconds."""
 from __future__ import annotations
 
 import array
@@ -17,9 +22,15 @@ import os
 import socket
 import struct
 import threading
+import time
+
+from isobox.daemon.connloop import Conn, ConnLoop
 
 log = logging.getLogger("isoboxd")
 MAX_MSG = 64 * 1024
+IDLE = 2.0           # a legitimate client sends within milliseconds of connecting
+MAX_CONNS = 512      # more evict the oldest; a flood costs fds, not threads
+LISTENER_LINK = "anon_inode:seccomp notify"      # /proc/self/fd/N of a seccomp listener
 
 
 def recv_fd(sock: socket.socket) -> tuple[bytes, int | None, int]:
@@ -82,41 +93,31 @@ class FdStore:
 
     # -- threads --
     def serve_trap(self, path: str) -> None:
-        """Accepts listeners from containers (one message with one fd per connection)."""
-        tmp = f"{path}.{os.getpid()}"
-        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        srv.bind(tmp)
-        os.chmod(tmp, 0o666)         # container processes are unprivileged host users
-        # the kernel stamps each message with its sender's pid: the process that loaded the
-        # filter, which the connecting pid (SO_PEERCRED) need not be (exec's helper connects)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        os.rename(tmp, path)
-        srv.listen(128)
+        """Accepts listeners from containers (one message with one fd per connection); never
+        returns (a socket that cannot be bound is retried)."""
         while True:
-            conn, _ = srv.accept()
-            # one thread per connection: anyone may connect, and a client that never sends must
-            # not hold up the listeners of containers behind it
-            threading.Thread(target=self._take, args=(conn,), daemon=True).start()
-
-    def _take(self, conn: socket.socket) -> None:
-        with conn:
             try:
-                conn.settimeout(5)
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-                msg, fd, pid = recv_fd(conn)
-                if fd is None:
-                    return
-                try:
-                    meta = json.loads(msg)
-                    if not isinstance(meta, dict):
-                        raise ValueError("not an object")
-                except ValueError:
-                    os.close(fd)
-                    return
-                meta["peer"] = pid
-                self.put(meta, fd)
-            except OSError as e:
-                log.warning("trap socket: %s", e)
+                listener = bind_private(path, socket.SOCK_STREAM, passcred=True)
+                ConnLoop(listener, _read_listener, self._take, name="trap socket", cap=MAX_CONNS,
+                         idle=IDLE).serve_forever()
+            except Exception:  # noqa: BLE001 - the trap socket must come back
+                log.exception("trap socket: cannot serve %s, retrying", path)
+                time.sleep(1)
+
+    def _take(self, conn: Conn) -> None:
+        msg, fd, pid = conn.request      # type: ignore[misc]
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != LISTENER_LINK:
+                raise ValueError("not a seccomp listener")
+            meta = json.loads(msg)
+            if not isinstance(meta, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError) as e:
+            log.warning("trap socket: refusing a message from pid %d: %s", conn.peer[0], e)
+            os.close(fd)
+            return
+        meta["peer"] = pid
+        self.put(meta, fd)
 
     def serve_channel(self, channel: socket.socket) -> None:
         """Reads "drop <slot>" from one server generation until it goes away."""
@@ -129,3 +130,40 @@ class FdStore:
                 return
             if msg.startswith(b"drop "):
                 self.drop(msg[5:].decode())
+
+
+def _read_listener(conn: Conn) -> bool:
+    """One message with one fd, or the connection is dropped (EOF, no fd, a truncated message)."""
+    msg, fd, pid = recv_fd(conn.sock)
+    if fd is None:
+        raise EOFError("no listener")
+    conn.request = (msg, fd, pid)
+    return True
+
+
+def bind_private(path: str, kind: int, passcred: bool = False) -> socket.socket:
+    """A listening unix socket at path that only root may connect to: bound under umask 077
+    (the mode never depends on the caller's umask) at a temporary name, then renamed, so
+    clients never see a socket nobody listens on."""
+    tmp = f"{path}.{os.getpid()}"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    srv = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
+    try:
+        old = os.umask(0o077)
+        try:
+            srv.bind(tmp)
+        finally:
+            os.umask(old)
+        os.chmod(tmp, 0o600)
+        if passcred:
+            # the kernel stamps each message with its sender's pid (accepted sockets inherit this)
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        srv.listen(128)
+        os.rename(tmp, path)
+    except BaseException:
+        srv.close()
+        raise
+    return srv

@@ -118,7 +118,7 @@ def publish_code_path() -> None:
 
 
 def run() -> int:
-    os.makedirs(paths.RUN_DIR, 0o711, exist_ok=True)
+    paths.private_dir(paths.RUN_DIR)       # root's only, also when an older version made it 0755
     lock = os.open(paths.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -10,7 +10,6 @@ import logging
 import os
 import signal
 import socket
-import socketserver
 import sys
 import threading
 import time
@@ -32,6 +31,10 @@ if TYPE_CHECKING:
 
 WORKERS = 4
 GC_EVERY = 5.0
+REQUEST_IDLE = 2.0          # seconds a registration connection has to send its line
+REQUEST_CAP = 64            # open registration connections; more evict the oldest
+REQUEST_WORKERS = 4         # threads answering registration requests
+MAX_REQUEST = 1 << 20
 log = logging.getLogger("isoboxd")
 
 
@@ -148,30 +151,31 @@ class Server:
         return {"ok": False, "error": f"unknown request {op!r}"}
 
     def serve_socket(self) -> None:
-        server = self
+        """The registration socket: root's only (0600 in root's 0700 RUN_DIR, and every peer's
+        SO_PEERCRED uid must be 0). One selector thread reads each request (one JSON line within
+        REQUEST_IDLE seconds) and REQUEST_WORKERS threads answer: an idle connection costs an fd,
+        never a thread, and no failure ends the loop (a socket that cannot be bound is retried)."""
+        from isobox.daemon.connloop import ConnLoop
+        from isobox.daemon.fdstore import bind_private
+        while not self.orphan:
+            try:
+                paths.private_dir(paths.RUN_DIR)    # a reload tightens an older installation in place
+                listener = bind_private(paths.SOCKET, socket.SOCK_STREAM)
+                self.sock = ConnLoop(listener, _read_request, self._answer, name="registration socket",
+                                     cap=REQUEST_CAP, idle=REQUEST_IDLE, workers=REQUEST_WORKERS)
+                if self.orphan:               # _orphaned ran before there was a loop to stop
+                    self.sock.shutdown()
+                self.sock.serve_forever()
+            except Exception:  # noqa: BLE001
+                log.exception("registration socket: cannot serve %s, retrying", paths.SOCKET)
+                time.sleep(1)
 
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                try:
-                    line = self.rfile.readline(1 << 20)
-                    reply = server.handle(json.loads(line))
-                except Exception as e:  # noqa: BLE001 - a bad request gets an answer, not a crash
-                    reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
-                self.wfile.write(json.dumps(reply).encode() + b"\n")
-
-        class Sock(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-            daemon_threads = True
-
-        tmp = f"{paths.SOCKET}.{os.getpid()}"
-        old = os.umask(0o077)
+    def _answer(self, conn) -> None:
         try:
-            sock = Sock(tmp, Handler)
-        finally:
-            os.umask(old)
-        os.rename(tmp, paths.SOCKET)          # clients never see a socket nobody listens on
-        self.sock = sock
-        sock.serve_forever()
-        sock.server_close()
+            reply = self.handle(json.loads(conn.request))
+        except Exception as e:  # noqa: BLE001 - a bad request gets an answer, not a crash
+            reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        conn.sock.sendall(json.dumps(reply).encode() + b"\n")
 
     # -- background --
     def notifier_thread(self) -> None:
@@ -236,6 +240,24 @@ class Server:
         except Exception:  # noqa: BLE001
             log.exception("worker died")
             self.loop.stopped.set()
+
+
+def _read_request(conn) -> bool:
+    """One JSON line (or whatever came before EOF); True once it is complete."""
+    chunk = conn.sock.recv(65536)
+    if not chunk:
+        if not conn.buf:
+            raise EOFError("closed without a request")
+        conn.request = bytes(conn.buf)
+        return True
+    conn.buf += chunk
+    end = conn.buf.find(b"\n")
+    if end >= 0:
+        conn.request = bytes(conn.buf[:end + 1])
+        return True
+    if len(conn.buf) > MAX_REQUEST:
+        raise ValueError("request too long")
+    return False
 
 
 def _in_cgroup(pid: int, c: Container) -> bool:

@@ -3,9 +3,10 @@
 A process of its own (the holder starts and restarts it), single-threaded, so that forking
 it is safe: per accepted call it forks a child that takes the caller's fds 0-2, working
 directory and environment and runs isobox-runc's main() (see runc/warm_client.py for the
-protocol and for which commands come here). The socket is root's only (0600 in a 0711
-directory) and every peer must be uid 0: the worker acts as root, like the runtime the
-engines call."""
+protocol and for which commands come here). The socket is root's only (0600 in a 0700
+directory) and every peer must be uid 0, checked before a byte is read: the worker acts as
+root, like the runtime the engines call. A caller has REQUEST_TIMEOUT seconds to send its
+request, and at most MAX_BUSY calls hold a process at once."""
 from __future__ import annotations
 
 import fcntl
@@ -29,6 +30,8 @@ WARM = frozenset({"create", "exec", "start", "state", "kill", "delete", "list", 
 SPAWNS = frozenset({"create", "exec"})       # the client forks the container's process (init/handover.py)
 MAX_REQUEST = 1 << 20
 SPARES = 2                  # children waiting for a call
+MAX_BUSY = 16               # calls served at once; more wait in the listen backlog
+REQUEST_TIMEOUT = 2.0       # seconds a caller has to send its request once accepted
 MAX_FDS = 64                # the caller's fds 0-2 and the ones it preserves for a create
 LOCAL = b"L"                # "run it yourself" (warm_client.LOCAL)
 
@@ -141,10 +144,14 @@ def _take_one(listener: socket.socket, taken: int, k) -> None:
     fds: list[int] = []
     try:
         peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        if uid != 0:
+            os._exit(0)              # not host root: closed unread (the caller runs the call itself)
+        conn.settimeout(REQUEST_TIMEOUT)     # an idle caller must not hold this process
         data, fds = _receive(conn)
+        conn.settimeout(None)                # a create goes on talking for as long as it needs
         argv, cwd, env, ppid = decode(data)
         cmd = command(argv)
-        if uid == 0 and len(fds) >= 3 and cmd is not None:
+        if len(fds) >= 3 and cmd is not None:
             _run_child(conn, fds, argv, cwd, env, ppid, peer if cmd in SPAWNS else 0)   # does not return
         conn.send(LOCAL)
     except (OSError, ValueError):
@@ -181,7 +188,8 @@ def serve(listener: socket.socket) -> None:
     idle: dict[int, int] = {}            # pidfd -> pid, waiting for a call
     busy: dict[int, int] = {}            # pidfd -> pid, serving one
     while True:
-        while len(idle) < (1 if busy else SPARES):
+        # at most MAX_BUSY calls hold a process: a flood of connections waits in the backlog
+        while len(idle) < (1 if busy else SPARES) and len(busy) + len(idle) < MAX_BUSY:
             pid = os.fork()
             if pid == 0:
                 os.close(taken_r)

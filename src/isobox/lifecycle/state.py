@@ -69,11 +69,14 @@ class StateStore:
         return os.path.exists(os.path.join(self.dir(cid), "state.json"))
 
     def reserve(self, cid: str) -> str:
-        """Create the state dir; mkdir is the lock that makes duplicate ids fail."""
-        os.makedirs(self.root, mode=0o711, exist_ok=True)
+        """Create the state dir; mkdir is the lock that makes duplicate ids fail. Root's only
+        (0700, files 0600): it names the container, its pid, bundle and ID range, and nothing
+        but the runtime, as root, reads it (the init opens its start FIFO before it changes
+        credentials)."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
         d = self.dir(cid)
         try:
-            os.mkdir(d, 0o711)
+            os.mkdir(d, 0o700)
         except FileExistsError:
             raise IsoboxError(f"container with id {cid!r} already exists") from None
         return d
@@ -81,7 +84,7 @@ class StateStore:
     def save(self, st: ContainerState) -> None:
         d = self.dir(st.id)
         tmp = os.path.join(d, ".state.json.tmp")
-        with open(tmp, "w") as f:
+        with _private(tmp) as f:
             json.dump(st.to_dict(), f)
         os.rename(tmp, os.path.join(d, "state.json"))
 
@@ -104,7 +107,7 @@ class StateStore:
         return sorted(n for n in names if os.path.exists(os.path.join(self.root, n, "state.json")))
 
     def save_config(self, cid: str, spec: dict) -> None:
-        with open(os.path.join(self.dir(cid), "config.json"), "w") as f:
+        with _private(os.path.join(self.dir(cid), "config.json")) as f:
             json.dump(spec, f)
 
     def load_config(self, cid: str) -> dict:
@@ -122,6 +125,17 @@ class StateStore:
             os.rmdir(d)
         except FileNotFoundError:
             pass
+
+
+def _private(path: str):
+    """path opened for writing (truncated), created 0600: umask 0 must not open it to others."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)          # a file left by an older version keeps its mode otherwise
+    except OSError:
+        os.close(fd)
+        raise
+    return open(fd, "w")
 
 
 def alive(st: ContainerState) -> bool:

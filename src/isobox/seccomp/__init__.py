@@ -6,23 +6,27 @@
             parse + validate (profile.py), merge the trap (ERRNO must not pre-empt NOTIFY),
             compile with libseccomp (compile.py); any problem is one IsoboxError line.
     container init / exec'd process
-        inst = installer(plan.seccomp)   # while still in the host's mount namespace: connects
-                                          # to the listener socket (host paths)
+        inst = installer(plan.seccomp)   # while still in the host's mount namespace: holds the
+                                          # trap socket's directory (connected in early())
         container.become(proc, inst)     # become() calls inst.early(proc) first and inst() last
         os.execve(...)
 
-When the filter is loaded (the runc rule): as late as possible, right before execve, when the
-process will be able to — with no_new_privs set, or with CAP_SYS_ADMIN in its user namespace
-after the capabilities are set. Otherwise (a non-root user without no_new_privs: seccomp(2)
-without NNP needs CAP_SYS_ADMIN) it is loaded at the start of become(), while container root
-still holds every capability of its user namespace; the profile must then allow what become()
-does before execve (prctl, setgroups, setresgid, setresuid, capset, capget, openat/read/close of
-/proc/sys/kernel/cap_last_cap, umask, execve) — Docker's default profile does.
+When the filter is loaded: last in become(), when the process will be able to — with
+no_new_privs set, or with CAP_SYS_ADMIN in its user namespace after the capabilities are set.
+Otherwise (a non-root user without no_new_privs: seccomp(2) without NNP needs CAP_SYS_ADMIN) it
+is loaded at the start of become(), while container root still holds every capability of its
+user namespace; the profile must then allow what become() does (prctl, setgroups, setresgid,
+setresuid, capset, capget, openat/read/close of /proc/sys/kernel/cap_last_cap, umask) — Docker's
+default profile does. The container's init calls become() before it waits for `start` (nothing
+with host credentials waits there, init/container.py), so after the filter it still writes
+"ready", reads the start FIFO, runs any startContainer hooks and execs: write, read, close and
+execve (and the hooks' own calls) must be allowed too.
 
 The trap is ON by default: its listener goes to isoboxd's holder (daemon/paths.TRAP_SOCKET).
 TRAP_SOCKET or the ISOBOX_SECCOMP_TRAP_SOCKET environment of isobox-runc name another socket,
 or turn it off with "" or "off" (tests and debugging; only root runs isobox-runc usefully). With it, the syscalls in TRAPPED
-return SCMP_ACT_NOTIFY; the listener fd is sent over that unix stream socket with SCM_RIGHTS
+return SCMP_ACT_NOTIFY; the socket is connected right before credentials change (it is root's
+only, and idle connections are dropped) and the listener fd is sent over it with SCM_RIGHTS
 and one JSON message {"type": "isobox-seccomp", "id", "pid" (host pid, 0 when unknown),
 "nsPid" (in the container), "trapped": [...]}; each exec'd process sends its own.
 
@@ -144,25 +148,100 @@ def _connect(path: str) -> _socket.socket:
     return connect_unix(path, "the seccomp listener socket")
 
 
+def _trap_dir(path: str) -> int:
+    """An O_PATH fd of the trap socket's directory; fails now, at create, when the socket is
+    missing (as connecting at once did)."""
+    import stat
+    fd = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISSOCK(os.stat(os.path.basename(path), dir_fd=fd).st_mode):
+            raise IsoboxError(f"cannot connect to the seccomp listener socket {path}: not a socket")
+    except FileNotFoundError:
+        os.close(fd)
+        raise IsoboxError(f"cannot connect to the seccomp listener socket {path}: No such file or directory") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class _TrapDir:
+    """The trap socket's directory (an O_PATH fd) until Installer.early() connects. It stands
+    in Installer.conn meanwhile, so code that keeps the installer's connection open across a
+    close of every other fd (init/container.listener_fds) keeps this fd instead."""
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class Installer:
-    """Made before the process enters the container's mount namespace; loads the filter once."""
+    """Made before the process enters the container's mount namespace; loads the filter once.
+
+    isoboxd's trap socket is connected late, in early(): the holder drops a connection that
+    stays idle for seconds, and an init reaches become() only after the runtime has built its
+    whole tree (seconds on a loaded host; in older orders, after `start`).
+    Until then the installer holds only the socket's directory (an O_PATH fd taken while host
+    paths resolve) and connects to the name relative to it just before credentials change:
+    the process is then still host uid 0, the only peer the root-only socket accepts. A spec
+    listenerPath is connected at once, as before."""
 
     def __init__(self, sec: Seccomp, host_pid: int | None = None):
         self.sec = sec
-        self.conn = _connect(sec.socket_path) if sec.compiled.uses_notify and sec.socket_path else None
+        self.conn: _socket.socket | _TrapDir | None = None
+        if sec.compiled.uses_notify and sec.socket_path:
+            self.conn = _TrapDir(_trap_dir(sec.trap_socket)) if sec.trap_socket else _connect(sec.socket_path)
         self.host_pid = _host_pid() if host_pid is None else host_pid
         self.done = False
 
+    def keep_fds(self) -> list[int]:
+        """What must stay open until the listener is sent."""
+        return [self.conn.fileno()] if self.conn is not None else []
+
     def early(self, proc) -> None:
-        """Called before credentials change: loads now if the process will not be able to later."""
+        """Called before credentials change: connects the trap socket, and loads now if the
+        process will not be able to later."""
+        self._connect_trap()
         if not (proc.no_new_privileges or proc.caps_effective >> CAP_SYS_ADMIN & 1):
             self()
 
     def __call__(self) -> None:
         if not self.done:
             self.done = True
+            self._connect_trap()
             _load_and_send(self.sec, self.conn, self.host_pid)
             self.conn = None
+
+    def _connect_trap(self) -> None:
+        where = self.conn
+        if not isinstance(where, _TrapDir):
+            return
+        self.conn = None
+        here = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            # relative to the directory held since before the mount namespace changed: the
+            # name need not resolve from the container's root
+            os.fchdir(where.fd)
+            conn = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+            try:
+                conn.connect(os.path.basename(self.sec.trap_socket))
+            except OSError:
+                conn.close()
+                raise
+            self.conn = conn
+        except OSError as e:
+            raise IsoboxError(f"cannot connect to the seccomp listener socket {self.sec.trap_socket}: "
+                              f"{e.strerror}") from None
+        finally:
+            os.fchdir(here)
+            os.close(here)
+            where.close()
 
 
 def installer(sec: Seccomp | None, host_pid: int | None = None) -> Installer | None:

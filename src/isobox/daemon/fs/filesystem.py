@@ -57,6 +57,7 @@ class Filesystem:
         self.cviews: dict[str, CgroupView] = {}  # container key -> view of its cgroups
         self.sysctl_nodes: dict[tuple, tuple] = {}   # (key, rel, reader pid) -> (when, Node or None)
         self.sysctl_reads: dict[tuple, tuple] = {}   # (key, rel, reader pid) -> (when, value read)
+        self.members: dict[tuple[str, int], tuple[float, bool]] = {}   # (key, reader pid) -> (when, may_use)
         for idx, c in store.containers():
             self.by_idx[idx], self.by_key[c.key] = c, idx
         for pid_, path in store.paths().items():
@@ -112,6 +113,36 @@ class Filesystem:
                 self.paths[pid_], self.path_ids[rel] = rel, pid_
         return (self.by_key[c.key] << 32) | pid_
 
+    # -- who may use a container's nodes --
+    def may_use(self, c: Container, uid: int, pid: int) -> bool:
+        """Host root, or a process of the container (in its cgroup or below, the rule its
+        seccomp listener is checked by): knowing a key and reaching a path to its node
+        grants a host user nothing. Cached per reader for FRESH seconds."""
+        if uid == 0:
+            return True
+        now = time.monotonic()
+        hit = self.members.get((c.key, pid))
+        if hit is not None and now - hit[0] < FRESH:
+            return hit[1]
+        try:
+            from isobox.daemon.server import _in_cgroup
+            ok = _in_cgroup(pid, c)
+        except Exception:  # noqa: BLE001 - no answer means no
+            ok = False
+        if len(self.members) > 4096:
+            self.members.clear()
+        self.members[(c.key, pid)] = (now, ok)
+        return ok
+
+    def admit(self, nodeid: int, uid: int, pid: int) -> None:
+        """Raises EACCES unless the requester may use the container nodeid belongs to (the
+        mount root itself is anyone's: what it lists is filtered in lookup and readdir)."""
+        if nodeid == proto.ROOT_ID:
+            return
+        c = self.by_idx[nodeid >> 32]
+        if not self.may_use(c, uid, pid):
+            raise OSError(errno.EACCES, c.key)
+
     def _cpus(self, c: Container):
         return lambda: set(self.container_view(c).cpus())
 
@@ -147,17 +178,25 @@ class Filesystem:
             valid = LONG
         elif node.kind == "link":
             size = len(os.readlink(tree.host_path(rel)))
+        if rel == "":
+            # the container's own directory: every walk through FS_ROOT/<key> asks again, so a
+            # reader who may not use it is refused even after root's lookup was cached
+            valid = 0
         kind = {"dir": proto.S_IFDIR, "file": proto.S_IFREG, "link": proto.S_IFLNK}[node.kind]
         mode = node.mode | (0o777 if node.kind == "link" else 0)
         return proto.attr(nodeid, size, kind | mode, uid, gid, 2 if node.kind == "dir" else 1), valid
 
-    def lookup(self, parent: int, name: str, pid: int) -> bytes:
+    def lookup(self, parent: int, name: str, pid: int, uid: int = 0) -> bytes:
         c, rel = self._node(parent)
         if c is None:
             idx = self.by_key.get(name)
             if idx is None:
                 raise OSError(errno.ENOENT, name)
             c, rel = self.by_idx[idx], ""
+            if not self.may_use(c, uid, pid):
+                # EACCES, not ENOENT: an ENOENT to the kernel's revalidation of a cached entry
+                # would invalidate it, detaching whatever the container mounted below its nodes
+                raise OSError(errno.EACCES, name)
         else:
             rel = f"{rel}/{name}" if rel else name
         node = self.resolve(c, rel, pid)
@@ -256,12 +295,13 @@ class Filesystem:
             raise OSError(errno.EINVAL, rel)
         return os.fsencode(os.readlink(tree.host_path(rel)))
 
-    def readdir(self, nodeid: int, pid: int) -> list[tuple[int, str, int]]:
-        """[(ino, name, dtype)] including . and .."""
+    def readdir(self, nodeid: int, pid: int, uid: int = 0) -> list[tuple[int, str, int]]:
+        """[(ino, name, dtype)] including . and .. (at the root: the containers the reader may use)"""
         c, rel = self._node(nodeid)
         out = [(nodeid, ".", proto.DT_DIR), (nodeid, "..", proto.DT_DIR)]
         if c is None:
-            return out + [((idx << 32) | 1, key, proto.DT_DIR) for key, idx in list(self.by_key.items())]
+            return out + [((idx << 32) | 1, key, proto.DT_DIR) for key, idx in list(self.by_key.items())
+                          if idx in self.by_idx and self.may_use(self.by_idx[idx], uid, pid)]
         node = self.resolve(c, rel, pid)
         if node is None:
             raise OSError(errno.ENOENT, rel)

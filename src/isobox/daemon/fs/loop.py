@@ -20,6 +20,9 @@ ENOSYS_OPS = (proto.FLUSH, proto.GETXATTR, proto.LISTXATTR, proto.ACCESS)
 # the tree is the kernel's and the emulation's, never the caller's: procfs answers EACCES
 CHANGE_OPS = (proto.SYMLINK, proto.MKNOD, proto.MKDIR, proto.UNLINK, proto.RMDIR, proto.RENAME, proto.LINK,
               proto.CREATE, proto.RENAME2)
+# what reveals or changes nothing of a container; every other request on a container's node
+# comes from host root or from a process of that container, or is refused (Filesystem.admit)
+UNGATED = (proto.INIT, proto.DESTROY, proto.STATFS, proto.RELEASE, proto.RELEASEDIR)
 
 
 def init_reply(unique: int, body: bytes) -> tuple[bytes, int]:
@@ -68,6 +71,8 @@ class Loop:
         if op in NO_REPLY:
             return None
         try:
+            if op not in UNGATED:
+                self.fs.admit(nodeid, uid, pid)
             return proto.reply(unique, self.dispatch(op, nodeid, body, uid, gid, pid))
         except OSError as e:
             return proto.error(unique, e.errno or errno.EIO)
@@ -89,14 +94,14 @@ class Loop:
             fh, offset, size, _ = proto.READ_IN.unpack_from(body)
             return fs.read(nodeid, fh, offset, size, pid)
         if op == proto.LOOKUP:
-            return fs.lookup(nodeid, bytes(body).rstrip(b"\0").decode("utf-8", "surrogateescape"), pid)
+            return fs.lookup(nodeid, bytes(body).rstrip(b"\0").decode("utf-8", "surrogateescape"), pid, uid)
         if op == proto.GETATTR:
             return fs.getattr(nodeid, pid)
         if op == proto.RELEASE or op == proto.RELEASEDIR:
             return b""
         if op == proto.READDIR:
             fh, offset, size, _ = proto.READ_IN.unpack_from(body)
-            return self.readdir(nodeid, offset, size, pid)
+            return self.readdir(nodeid, offset, size, pid, uid)
         if op == proto.WRITE:
             _fh, offset, size, _wf, _lo, _fl, _pad = proto.WRITE_IN.unpack_from(body)
             data = bytes(body[proto.WRITE_IN.size:proto.WRITE_IN.size + size])
@@ -119,9 +124,9 @@ class Loop:
             return b""
         raise OSError(errno.ENOSYS, f"opcode {op}")
 
-    def readdir(self, nodeid: int, offset: int, size: int, pid: int) -> bytes:
+    def readdir(self, nodeid: int, offset: int, size: int, pid: int, uid: int = 0) -> bytes:
         out = bytearray()
-        for i, (ino, name, dtype) in enumerate(self.fs.readdir(nodeid, pid)):
+        for i, (ino, name, dtype) in enumerate(self.fs.readdir(nodeid, pid, uid)):
             if i < offset:
                 continue
             rec = proto.dirent(ino, i + 1, os.fsencode(name), dtype)
