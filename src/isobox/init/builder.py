@@ -15,7 +15,8 @@ from isobox.spec.plan import Plan
 
 def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgroup_inside: tuple[list, list],
           log: list[str]) -> str:
-    """Runs in the forked builder; returns the rootfs method. Raises on any failure.
+    """Runs in the forked builder (sealed by launch.py); returns the rootfs method. Raises on
+    any failure.
 
     cgroupns() blocks until the init has its cgroup namespace and returns an fd of it."""
     k.prctl(k.PR_SET_DUMPABLE, 0)
@@ -61,6 +62,12 @@ def build(plan: Plan, ns_fds: dict[str, int], cgroupns: Callable[[], int], cgrou
     pivot.pivot(plan.rootfs)
     k.setns(ns_fds["user"], k.CLONE_NEWUSER)
     k.unshare(k.CLONE_NEWNS)
+    # all that is left is waiting in the container's pid namespace until the runtime opened
+    # this namespace: as container root, not host uid 0 (and still not dumpable)
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
+    k.prctl(k.PR_SET_DUMPABLE, 0)        # the new credentials set it to fs.suid_dumpable
     return method
 
 

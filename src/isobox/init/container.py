@@ -1,9 +1,16 @@
 """The container's init (H1): pid 1 of the container, child of the runtime's clone().
 
-It waits for the runtime at each step, enters the locked mount namespace, then blocks on the
-start FIFO; `start` releases it and it becomes the container's process with execve. Until
-then it is not dumpable, so nothing in the container can open the interpreter through
-/proc/1/exe (its memory map still belongs to the host's user namespace)."""
+It waits for the runtime at each step, enters the locked mount namespace, and becomes the
+container's process in all but execve before it blocks on the start FIFO, as runc's init
+does: credentials, capabilities, no_new_privs and the seccomp filter are set, every fd but
+stdio, the preserved ones and the FIFO is closed. `start` releases it; then only the
+startContainer hooks (with those credentials) and execve are left.
+
+So nothing waits at the barrier with host credentials: a created init is the container's
+user (finding 10: a pod's running sibling holds CAP_SYS_PTRACE over container root), and it
+is not dumpable from its clone to its execve (born so: launch.py, handover.py), so nothing in
+the container can trace it or open the interpreter through /proc/1/exe (its memory map still
+belongs to the host's user namespace)."""
 from __future__ import annotations
 
 import os
@@ -11,12 +18,13 @@ import resource
 
 from isobox.errors import IsoboxError
 from isobox.init import channel, console
+from isobox.linux import sealed
 from isobox.linux import syscalls as k
 from isobox.spec.plan import Plan, Process
 
 
 def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool, console_sock=None, preserve_fds: int = 0) -> None:
-    """Never returns: execs the container process or _exits."""
+    """Never returns: execs the container process or _exits. The caller sealed it."""
     code = 1
     try:
         k.prctl(k.PR_SET_DUMPABLE, 0)
@@ -38,18 +46,19 @@ def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool, console_sock=None, p
         exe = prepare(plan.process)
         if console_sock is not None:
             console.setup(console_sock)       # pty from the container's devpts, sent to the engine
-        channel.send(sock, "ready")
+        reset_signals()
+        close_host_fds(preserve_fds, keep={fifo_fd, sock.fileno(), *listener_fds(sec)})
+        become(plan.process, sec)             # a failure here is create's, as with runc
+        # past the filter: write, read, close and execve are all the profile must allow
+        os.write(sock.fileno(), b"ready")
         sock.close()
         if not os.read(fifo_fd, 1):
             os._exit(1)
         if hook_state is not None:
-            # startContainer: in the container, before credentials, signals and exec; a failure
-            # goes back to `start` through the FIFO and the process never runs
+            # startContainer: in the container, with the process's credentials (runc's order);
+            # a failure goes back to `start` through the FIFO and the process never runs
             hooks.run_start_container(plan.hooks, hook_state, fifo_fd)
         os.close(fifo_fd)
-        reset_signals()
-        close_host_fds(preserve_fds, keep=set())
-        become(plan.process, sec)
         os.execve(exe, plan.process.args, env_dict(plan.process.env))
     except BaseException as e:  # noqa: BLE001 - every failure must reach the runtime as one line
         try:
@@ -61,22 +70,22 @@ def run(plan: Plan, sock, fifo_fd: int, new_cgroupns: bool, console_sock=None, p
         os._exit(code)
 
 
+def listener_fds(inst) -> list[int]:
+    """What the seccomp installer holds until become() has sent the listener (its connection,
+    or the trap socket's directory): seccomp.Installer.keep_fds."""
+    return inst.keep_fds() if inst is not None else []
+
+
 def close_host_fds(preserve: int, keep: set[int]) -> None:
     """Whatever the runtime inherited from its caller must not reach the container: every fd
-    above stdio and the preserved ones is marked close-on-exec."""
-    import fcntl
+    but stdio, the preserved ones (made inheritable) and keep is closed now."""
     last = 2 + preserve
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        if fd <= last or fd in keep:
-            if 2 < fd <= last:
-                os.set_inheritable(fd, True)
-            continue
+    for fd in range(3, last + 1):
         try:
-            flags = fcntl.fcntl(fd, fcntl.F_GETFD)
-            fcntl.fcntl(fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+            os.set_inheritable(fd, True)
         except OSError:
-            pass
+            pass                # not open: the runtime's check of --preserve-fds reports it
+    sealed.close_all_but([*range(last + 1), *keep])
 
 
 def env_dict(env: list[str]) -> dict[str, str]:
@@ -147,6 +156,9 @@ def become(proc: Process, seccomp=None) -> None:
     for cap in range(top + 1):
         if proc.caps_ambient >> cap & 1:
             k.prctl(k.PR_CAP_AMBIENT, k.PR_CAP_AMBIENT_RAISE, cap)
+    # the credential change set "dumpable" to fs.suid_dumpable, which may be 1: not dumpable
+    # until execve, whatever the host's setting
+    k.prctl(k.PR_SET_DUMPABLE, 0)
     if proc.umask is not None:
         os.umask(proc.umask)
     if proc.no_new_privileges:

@@ -19,6 +19,11 @@ the helper's pipes, the console socket and the process settings; the client fork
 helper (exec_init.helper), which the worker then drives as lifecycle/exec.py does. Every fd
 arrives close-on-exec (MSG_CMSG_CLOEXEC), so none reaches the container's process.
 
+The client is host root with the engine's fds. Before it joins or clones into a container's
+namespaces it makes itself not dumpable (it exits right after), so H1 is born untraceable;
+H1 and X are sealed (linux/sealed.py) as they start: the engine's stdio and preserved fds
+(the client's first `keep_below` fds) and their own socket or pipes, nothing else.
+
 marshal, not json or pickle: it is built in (pickle's C module imports functools and
 collections, ~6 ms) and every value here is a plain int, str, bytes, list or dict. The peer
 is trusted either way: the worker serves root's clients only and both run isobox's code.
@@ -144,14 +149,16 @@ def preload() -> None:
     from isobox.spec import plan  # noqa: F401
 
 
-def spawn_here(conn: _socket.socket, request: bytes) -> None:
+def spawn_here(conn: _socket.socket, request: bytes, keep_below: int = 3) -> None:
     """The client's answer to a SPAWN request: clone H1 (which never returns here) and send
-    the worker its pid and the runtime's end of the socket pair."""
+    the worker its pid and the runtime's end of the socket pair. keep_below: fds 0 to
+    keep_below - 1 are the engine's stdio and preserved fds, which H1 inherits."""
     from isobox.linux import syscalls as k
     sock_p = sock_h = None
     try:
         req = marshal.loads(request)
         sock_p, sock_h = channel.pair()
+        k.prctl(k.PR_SET_DUMPABLE, 0)          # before any setns: H1 inherits it from the clone
         for path, flag in req["joins"]:
             # the client needs no host capability after this (it only answers and exits), so it
             # joins the namespaces itself, a shared container's user namespace first
@@ -168,9 +175,14 @@ def spawn_here(conn: _socket.socket, request: bytes) -> None:
         conn.send(SPAWN_FAILED + f"cannot start the container's init: {channel.error_line(e)}".encode())
         return
     if pid == 0:
-        conn.close()
-        sock_p.close()
-        init_main(sock_h)
+        try:
+            from isobox.linux import sealed
+            sealed.seal([*range(keep_below), sock_h.fileno()], die_with_parent=False)
+            conn.detach()                       # closed by the seal
+            sock_p.detach()
+            init_main(sock_h)
+        finally:
+            os._exit(1)
     sock_h.close()
     try:
         conn.sendmsg([str(pid).encode()], channel.rights([sock_p.fileno()]))
@@ -178,7 +190,7 @@ def spawn_here(conn: _socket.socket, request: bytes) -> None:
         sock_p.close()
 
 
-def exec_here(conn: _socket.socket, request: bytes, fds: list[int]) -> None:
+def exec_here(conn: _socket.socket, request: bytes, fds: list[int], keep_below: int = 3) -> None:
     """The client's answer to a SPAWN_EXEC request: fork the exec helper X (which never
     returns here) and send the worker its pid. X forks the process and exits; the process is
     then the caller's subreaper's, as with runc exec --detach."""
@@ -190,8 +202,13 @@ def exec_here(conn: _socket.socket, request: bytes, fds: list[int]) -> None:
         conn.send(SPAWN_FAILED + f"cannot start the exec helper: {e.strerror}".encode())
         return
     if x == 0:
-        conn.close()
-        exec_main(request, fds)
+        try:
+            from isobox.linux import sealed
+            sealed.seal([*range(keep_below), *fds])     # exec_init.helper narrows it further
+            conn.detach()
+            exec_main(request, fds)
+        finally:
+            os._exit(1)
     for fd in fds:
         os.close(fd)
     conn.send(str(x).encode())

@@ -9,6 +9,10 @@
    the tree (builder.py) and reports.
 4. hand C's new, locked mount namespace to H1, which enters it and reports ready.
 P itself never changes its mount namespace.
+
+Every process born into a container's namespaces (H1, C) or about to join them (the helper H)
+is sealed (linux/sealed.py) before it can be seen there: P is not dumpable while it clones or
+forks them, so they are born untraceable, and each closes every fd but its own right away.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from isobox.plain import field, record  # not dataclasses: see isobox.plain
 
 from isobox.errors import IsoboxError
 from isobox.init import builder, channel, container, nsjoin
+from isobox.linux import sealed
 from isobox.linux import syscalls as k
 from isobox.spec.plan import Plan
 
@@ -57,9 +62,43 @@ def _clone_flags(plan: Plan) -> int:
     return plan.new_namespaces & ~(k.CLONE_NEWCGROUP | k.CLONE_NEWNS)
 
 
+def untraceable() -> int:
+    """Makes the caller not dumpable, so that what it clones or forks into a container's
+    namespaces is not dumpable from birth (the flag is inherited); returns the old value for
+    traceable_again(). The caller is host root: nothing changes for it but ptrace and core dumps."""
+    old = k.prctl(k.PR_GET_DUMPABLE)
+    k.prctl(k.PR_SET_DUMPABLE, 0)
+    return old
+
+
+def traceable_again(old: int) -> None:
+    if old == 1:
+        k.prctl(k.PR_SET_DUMPABLE, 1)
+
+
+def init_fds(sock_h, fifo_fd: int, console_sock, preserve_fds: int) -> list[int]:
+    """What the container init keeps of its parent's fds: stdio, the preserved ones, its
+    socket to the runtime, the start FIFO and the console socket."""
+    return [*range(3 + preserve_fds), sock_h.fileno(), fifo_fd,
+            *([console_sock.fileno()] if console_sock is not None else [])]
+
+
+def _init_child(keep: list[int], plan: Plan, sock_h, fifo_fd: int, new_cgroupns: bool, console_sock,
+                preserve_fds: int, drop=()) -> None:
+    """H1 right after its clone: sealed, then the container's init. Never returns."""
+    try:
+        sealed.seal(keep, die_with_parent=False)     # it outlives P (the caller's subreaper reaps it)
+        for sock in drop:
+            sock.detach()                            # closed by the seal: forget the numbers
+        container.run(plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds)
+    finally:
+        os._exit(1)
+
+
 def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p, console_sock, preserve_fds: int) -> int:
     clone_flags = _clone_flags(plan)
     new_cgroupns = bool(plan.new_namespaces & k.CLONE_NEWCGROUP)
+    keep = init_fds(sock_h, fifo_fd, console_sock, preserve_fds)
     joins = [(_open_ns(path), flag) for path, flag in _join_paths(plan)]
     if not plan.join_user:
         # namespaces of the host's user namespace (a CNI netns, say) are joined by P itself,
@@ -67,10 +106,13 @@ def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p, console_sock, preserve
         for fd, flag in joins:
             k.setns(fd, flag)
             os.close(fd)
-        pid = k.clone(clone_flags)
-        if pid == 0:
-            sock_p.close()
-            container.run(plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds)
+        old = untraceable()
+        try:
+            pid = k.clone(clone_flags)
+            if pid == 0:
+                _init_child(keep, plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds, (sock_p,))
+        finally:
+            traceable_again(old)
         return pid
     # Sharing another container's user namespace: a helper joins it (and the others),
     # then clones H1, and reports H1's host pid.
@@ -78,14 +120,14 @@ def _spawn_init(plan: Plan, sock_h, fifo_fd: int, sock_p, console_sock, preserve
     helper = os.fork()
     if helper == 0:
         try:
-            os.close(r)
+            # before any setns: H is host root with P's fds until then (H1 inherits the flag)
+            sealed.seal([*keep, w, *(fd for fd, _ in joins)])
             for fd, flag in joins:
                 k.setns(fd, flag)
+                os.close(fd)
             pid = k.clone(clone_flags)
             if pid == 0:
-                sock_p.close()
-                os.close(w)
-                container.run(plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds)
+                _init_child(keep, plan, sock_h, fifo_fd, new_cgroupns, console_sock, preserve_fds, (sock_p,))
             os.write(w, str(pid).encode())
         except BaseException as e:  # noqa: BLE001
             os.write(w, ("err:" + channel.error_line(e)).encode())
@@ -135,11 +177,13 @@ def launch(plan: Plan, fifo_fd: int, cgroup, cleanup: list, console_sock=None, p
     if plan.emulation_prefetch is not None:
         plan.emulation_prefetch.result()      # the builder inherits the clones: wait for them
     own_pidns = _open_ns("/proc/self/ns/pid_for_children")
+    old = untraceable()                   # C is born in the container's pid namespace
     try:
         k.setns(ns_fds["pid"], k.CLONE_NEWPID)
         c, report_r, hold_w, cgroupns_w = _fork_builder(plan, ns_fds, pid, cgroup)
     finally:
         k.setns(own_pidns, k.CLONE_NEWPID)
+        traceable_again(old)
         os.close(own_pidns)
         for fd in ns_fds.values():
             os.close(fd)
@@ -172,11 +216,12 @@ def _fork_builder(plan: Plan, ns_fds: dict[str, int], init_pid: int, cgroup) -> 
     report_r, report_w = os.pipe()
     hold_r, hold_w = os.pipe()
     cg_r, cg_w = os.pipe()
+    prefetched = list(plan.emulation_prefetch.fds.values()) if plan.emulation_prefetch is not None else []
     c = os.fork()
     if c == 0:
         try:
-            for fd in (report_r, hold_w, cg_w):
-                os.close(fd)
+            # pid 2 of the container, host root: only the fds it builds with (stdio for errors)
+            sealed.seal([0, 1, 2, report_w, hold_r, cg_r, *ns_fds.values(), *prefetched])
 
             def cgroupns() -> int:
                 if not os.read(cg_r, 1):

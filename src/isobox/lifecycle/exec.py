@@ -51,8 +51,7 @@ def exec_process(store: StateStore, st: ContainerState, proc: Process, *, detach
     else:
         x = os.fork()
         if x == 0:
-            os.close(go_w)
-            os.close(report_r)
+            # helper() seals X first: go_w, report_r and the rest of P's fds go there
             exec_init.helper(ns, go_r, report_w, proc, console_sock, preserve_fds, seccomp)
     for fd in (go_r, report_w, *ns.values()):
         os.close(fd)

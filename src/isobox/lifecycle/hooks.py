@@ -13,8 +13,9 @@ Where each kind runs (see lifecycle/create.py, lifecycle/control.py, init/contai
                            net, ipc, uts and cgroup namespaces as container root and execs it
                            through /proc/self/fd; status "creating".
   startContainer           start: the container's init, in the container, after the start FIFO
-                           released it and before credentials, signals and exec; the path resolves
-                           in the container; status "created".
+                           released it, with the process's credentials (set before the FIFO, as
+                           runc does) and before exec; the path resolves in the container;
+                           status "created".
   poststart                start, after the init exec'd the process; status "running"; a failure
                            is a warning.
   poststop                 delete, after the container is gone; status "stopped"; a failure is a
@@ -30,6 +31,7 @@ import select       # imported here: the init runs startContainer hooks after it
 import signal
 
 from isobox.errors import IsoboxError
+from isobox.linux import sealed     # here, not in the child: startContainer's runs in the container
 
 KINDS = ("prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop")
 OCI_VERSION = "1.2.0"
@@ -122,13 +124,16 @@ def _exec_plain(hook: dict) -> None:
 
 
 def _child(stdin_fd: int, out_fd: int, body) -> None:
-    """In the forked child: stdio, own process group, default signals, then body() execs."""
+    """In the forked child: sealed (createContainer's joins the container's namespaces), stdio,
+    own process group, default signals, then body() execs."""
     code = 127
     try:
+        # not dumpable until the hook's execve, nothing the runtime or its caller had open
+        sealed.seal([stdin_fd, out_fd], die_with_parent=False)
         os.dup2(stdin_fd, 0)
         os.dup2(out_fd, 1)
         os.dup2(out_fd, 2)
-        os.closerange(3, 1 << 20)                   # nothing the runtime's caller left open
+        sealed.close_all_but([0, 1, 2])
         os.setpgid(0, 0)
         for sig in range(1, signal.NSIG):
             if sig not in (signal.SIGKILL, signal.SIGSTOP):
@@ -246,6 +251,7 @@ def _in_container(hook: dict, init_pid: int) -> int:
     os.setgroups([])
     os.setresgid(0, 0, 0)
     os.setresuid(0, 0, 0)
+    k.prctl(k.PR_SET_DUMPABLE, 0)        # the new credentials set it to fs.suid_dumpable (maybe 1)
     os.chdir("/")
     pid = os.fork()                                  # enters the container's pid namespace
     if pid == 0:
@@ -272,20 +278,13 @@ def run_in_container(kind: str, hooks: dict, state_json: bytes, init_pid: int) -
 
 # -- startContainer: the init's side and start's side ----------------------------------------------
 
-def _as_container_root(hook: dict) -> None:
-    """The init still has the runtime's (unmapped) IDs: the hook runs as container root."""
-    os.setgroups([])
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
-    _exec_plain(hook)
-
-
 def run_start_container(hooks: dict, state_json: bytes, fifo_fd: int) -> None:
-    """In the container's init, before credentials and exec. A failure is written to the start
-    FIFO (so `start` can report it) and raised; the init then exits without exec."""
+    """In the container's init, which already has the process's credentials, capabilities and
+    filter; before exec. A failure is written to the start FIFO (so `start` can report it) and
+    raised; the init then exits without exec."""
     try:
         for i, hook in enumerate(hooks.get("startContainer", ())):
-            run_one("startContainer", i, hook, state_json, body=lambda h=hook: _as_container_root(h))
+            run_one("startContainer", i, hook, state_json)
     except BaseException as e:
         msg = str(e) if isinstance(e, IsoboxError) else f"error running startContainer hooks: {e}"
         try:

@@ -91,10 +91,10 @@ def forward(argv: list) -> "int | None":
             elif msg.startswith(RESULT) and msg[1:].isdigit() and accepted:
                 return int(msg[1:])
             elif msg.startswith(SPAWN) and accepted and spawning:
-                handover.spawn_here(s, msg[1:])
+                handover.spawn_here(s, msg[1:], sent)     # the init keeps only fds 0..sent-1
             elif msg.startswith(SPAWN_EXEC) and accepted and spawning:
                 from isobox.init import channel
-                handover.exec_here(s, msg[1:], channel.received_fds(anc))
+                handover.exec_here(s, msg[1:], channel.received_fds(anc), sent)
             else:
                 break
     except OSError:
