@@ -3,7 +3,7 @@ cgroup it names? It decides who may claim a container's seccomp listener."""
 from __future__ import annotations
 
 from isobox.cgroups.layout import parse_cgroup_file, parse_mountinfo
-from isobox.daemon.server import member
+from isobox.daemon.fs.membership import member
 
 from test_cgroups_layout import HOST_HYBRID, PURE_V2
 

@@ -13,11 +13,11 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING
 
 from isobox.daemon import paths
 from isobox.daemon.fs import proto
 from isobox.daemon.fs.context import Container, boottime
+from isobox.daemon.fs.membership import in_container
 from isobox.daemon.fs.filesystem import FRESH, Filesystem
 from isobox.daemon.fs.loop import Loop, init_reply
 from isobox.daemon.fdstore import recv_fd
@@ -26,8 +26,6 @@ from isobox.fileio import atomic_write, read_text
 from isobox.ids.procinfo import proc_starttime
 from isobox.daemon.syscalls.notify import Notifier
 
-if TYPE_CHECKING:
-    from isobox.cgroups.layout import Layout
 
 WORKERS = 4
 GC_EVERY = 5.0
@@ -109,7 +107,7 @@ class Server:
         if idx is None:
             return None
         c = self.fs.by_idx[idx]
-        return c if _in_cgroup(int(meta.get("peer", 0)), c) else None
+        return c if in_container(int(meta.get("peer", 0)), c) else None
 
     def _listener_gone(self, slot: str) -> None:
         if self.channel is not None and slot:
@@ -258,33 +256,6 @@ def _read_request(conn) -> bool:
     if len(conn.buf) > MAX_REQUEST:
         raise ValueError("request too long")
     return False
-
-
-def _in_cgroup(pid: int, c: Container) -> bool:
-    """pid sits in the container's cgroup (or below)."""
-    from isobox.cgroups.layout import detect, parse_cgroup_file
-    if pid <= 0:
-        return False
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            mine = parse_cgroup_file(f.read())
-    except OSError:
-        return False
-    return member(detect(), mine, c.cgroups)
-
-
-def member(layout: Layout, mine: dict[str, str], tops: dict[str, str]) -> bool:
-    """A process whose /proc/PID/cgroup parses to `mine` lies in or below the container's
-    cgroup `tops` in the hierarchy that decides membership: memory, else pids, else the v2 one.
-    A cgroup shown as deleted never matches: a new container may have made the same path."""
-    from isobox.cgroups.layout import process_dir
-    ctrl = next((k for k in ("memory", "pids", "") if k in tops), None)
-    h = layout.hierarchy(ctrl) if ctrl is not None else None
-    if h is None or mine.get(ctrl if h.version == 1 else "", "").endswith(" (deleted)"):
-        return False
-    host = process_dir(h, mine)
-    top = tops[ctrl]
-    return host is not None and (host == top or host.startswith(top.rstrip("/") + "/"))
 
 
 def _dead(c: Container) -> bool:

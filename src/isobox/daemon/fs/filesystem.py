@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from isobox.daemon.fs import proto, sysctl, tree
 from isobox.daemon.fs.cgview import CgroupView, reader_view, view_for_dirs
 from isobox.daemon.fs.context import Container, RenderCtx
+from isobox.daemon.fs.membership import in_container
 from isobox.daemon.store import Store
 
 FRESH = 0.1                 # seconds a rendering may be served from the page cache
@@ -125,8 +126,7 @@ class Filesystem:
         if hit is not None and now - hit[0] < FRESH:
             return hit[1]
         try:
-            from isobox.daemon.server import _in_cgroup
-            ok = _in_cgroup(pid, c)
+            ok = in_container(pid, c)
         except Exception:  # noqa: BLE001 - no answer means no
             ok = False
         if len(self.members) > 4096:
