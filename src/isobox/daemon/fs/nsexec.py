@@ -179,6 +179,8 @@ def _become(plan: _Plan) -> None:
     os.setresgid(*plan.gids)
     os.setresuid(*plan.uids)
     sc.capset(plan.cap_eff & plan.cap_prm, plan.cap_prm, 0)
+    # a credential change resets dumpable to fs.suid_dumpable, which may be 1 on a host
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
 
 
 def _do(op: str, path: str, data: bytes) -> tuple[int, bytes]:

@@ -208,6 +208,7 @@ def _make(plan: Plan) -> int:
     os.setgroups(plan.who.groups)
     sc.setfsgid(plan.who.fsgid)
     sc.setfsuid(plan.who.fsuid)       # clears the fs capabilities from the effective set
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)   # the fsuid change reset it to fs.suid_dumpable
     _eff, prm, _inh = sc.capget()
     sc.capset((1 << CAP_MKNOD | plan.who.cap_eff & DAC_CAPS) & prm, prm, 0)   # for the walk
     if not plan.name:

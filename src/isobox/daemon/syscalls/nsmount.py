@@ -143,6 +143,8 @@ def _drop(c: Caller) -> None:
     os.setresgid(*c.gids)
     os.setresuid(*c.uids)
     sc.capset(c.cap_eff & c.cap_prm, c.cap_prm, 0)
+    # a credential change resets dumpable to fs.suid_dumpable, which may be 1 on a host
+    sc.prctl(sc.PR_SET_DUMPABLE, 0)
 
 
 def _open_target(c: Caller, target: str, nofollow: bool = False) -> int:
