@@ -94,3 +94,29 @@ def leftovers(tag: str) -> list[str]:
 def ids_held(root: str) -> list:
     from isobox.ids.allocator import Allocator
     return [(h, b) for h, b in Allocator().holders() if h.root == os.path.abspath(root)]
+
+
+@pytest.fixture
+def isoboxd():
+    """The host's isoboxd, running with its trap and warm-worker sockets bound."""
+    import time
+    from isobox.daemon import client, paths
+    client.ensure_running()
+    deadline = time.monotonic() + 10
+    while not all(os.path.exists(p) for p in (paths.TRAP_SOCKET, paths.WARM_SOCKET)):
+        assert time.monotonic() < deadline, "isoboxd did not bind its sockets"
+        time.sleep(0.05)
+    yield
+
+
+@pytest.fixture
+def reachable():
+    """A host directory every host user may enter (pytest's own tmp is root's only): where an
+    attack must not leave anything a host user could use."""
+    import shutil
+    import tempfile
+    base = tempfile.mkdtemp(prefix="isobox-sec-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    yield base
+    subprocess.run(["umount", "-R", "-l", base], capture_output=True)   # a bind a failed child left
+    shutil.rmtree(base, ignore_errors=True)

@@ -3,7 +3,7 @@ name containers, a container's FUSE nodes reached through a path, and floods of 
 
 The attacker is a real unprivileged host user: a forked child that drops to uid/gid 4242 with
 no supplementary groups (setresgid/setgroups/setresuid). The floods run as root, against the
-one daemon of the host. Real daemon, real containers, real kernel checks; nothing mocked."""
+one daemon of the host. Real isoboxd, real containers, real kernel checks; nothing mocked."""
 from __future__ import annotations
 
 import array
@@ -13,13 +13,11 @@ import os
 import resource
 import select
 import selectors
-import shutil
 import socket
 import sqlite3
 import stat
 import struct
 import subprocess
-import tempfile
 import time
 
 import pytest
@@ -32,26 +30,6 @@ from isobox.linux import syscalls as k
 USER = 4242
 MIB = 1 << 20
 IDLE_LIMIT = 2.0        # what isoboxd gives an idle connection (fdstore.IDLE, server.REQUEST_IDLE)
-
-
-@pytest.fixture
-def daemon():
-    client.ensure_running()
-    deadline = time.monotonic() + 10
-    while not all(os.path.exists(p) for p in (paths.TRAP_SOCKET, paths.WARM_SOCKET)):
-        assert time.monotonic() < deadline, "isoboxd did not bind its sockets"
-        time.sleep(0.05)
-    yield
-
-
-@pytest.fixture
-def reachable(tmp_path):
-    """A directory every host user may enter (pytest's own tmp is root's only)."""
-    base = tempfile.mkdtemp(prefix="isobox-sec-", dir="/tmp")
-    os.chmod(base, 0o755)
-    yield base
-    subprocess.run(["umount", "-R", "-l", base], capture_output=True)   # a bind a failed child left
-    shutil.rmtree(base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -226,7 +204,7 @@ def closed_within(s: socket.socket, seconds: float) -> bool:
 
 # ------------------------------------------------------------------ a host user: sockets
 
-def test_a_host_user_cannot_connect_to_any_isoboxd_socket(daemon):
+def test_a_host_user_cannot_connect_to_any_isoboxd_socket(isoboxd):
     def probe() -> dict:
         def connect(path: str, kind: int):
             s = socket.socket(socket.AF_UNIX, kind)
@@ -243,7 +221,7 @@ def test_a_host_user_cannot_connect_to_any_isoboxd_socket(daemon):
     assert not succeeded(got), got
 
 
-def test_a_peer_that_is_not_root_gets_nothing_even_past_the_file_mode(daemon):
+def test_a_peer_that_is_not_root_gets_nothing_even_past_the_file_mode(isoboxd):
     """euid 4242 with fsuid 0 (saved uid 0) passes the sockets' file modes; SO_PEERCRED still
     names 4242, and every socket must drop such a peer at once, before reading a byte."""
     def probe() -> dict:
@@ -279,7 +257,7 @@ def test_a_peer_that_is_not_root_gets_nothing_even_past_the_file_mode(daemon):
 
 # ------------------------------------------------------ a host user: files naming containers
 
-def test_a_host_user_reads_no_registration_and_lists_no_container(daemon, reachable, busybox_rootfs):
+def test_a_host_user_reads_no_registration_and_lists_no_container(isoboxd, reachable, busybox_rootfs):
     from conftest import Runtime
     from isobox.spec.config import key
     runtime = Runtime(os.path.join(reachable, "state"), reachable)
@@ -305,7 +283,7 @@ def test_a_host_user_reads_no_registration_and_lists_no_container(daemon, reacha
         runtime.cleanup()
 
 
-def test_files_naming_containers_are_root_only_whatever_the_umask_and_are_fixed_in_place(tmp_path, daemon):
+def test_files_naming_containers_are_root_only_whatever_the_umask_and_are_fixed_in_place(tmp_path, isoboxd):
     """Created 0600/0700 under umask 0, and an older installation's 0644 files and 0755
     directories (the database with its -wal and -shm) are made root-only when next opened."""
     from isobox.daemon.store import Store
@@ -364,7 +342,7 @@ def test_files_naming_containers_are_root_only_whatever_the_umask_and_are_fixed_
 
 # ---------------------------------------------------------- a host user: a container's nodes
 
-def test_a_key_and_a_reachable_path_open_nothing_of_the_container(daemon, runtime, busybox_rootfs, reachable):
+def test_a_key_and_a_reachable_path_open_nothing_of_the_container(isoboxd, runtime, busybox_rootfs, reachable):
     """The key (root read it) and the container's node bound where the user can reach it, in a
     private mount namespace: its emulated files, /proc/sys reads and writes, listings."""
     cid, _ = start(runtime, busybox_rootfs)
@@ -401,7 +379,7 @@ def test_a_key_and_a_reachable_path_open_nothing_of_the_container(daemon, runtim
     assert read(f"{paths.FS_ROOT}/{key}/proc/sys/kernel/panic").strip() != b"7"
 
 
-def test_the_fuse_root_names_no_container_to_a_host_user(daemon, runtime, busybox_rootfs, reachable):
+def test_the_fuse_root_names_no_container_to_a_host_user(isoboxd, runtime, busybox_rootfs, reachable):
     cid, _ = start(runtime, busybox_rootfs)
     key = client.daemon_key(runtime.root, cid)
     os.stat(f"{paths.FS_ROOT}/{key}")            # root looked it up: the kernel may cache the entry
@@ -424,7 +402,7 @@ def test_the_fuse_root_names_no_container_to_a_host_user(daemon, runtime, busybo
 
 # ------------------------------------------------------------------------- floods, as root
 
-def test_idle_connections_to_the_trap_socket_cost_no_thread_and_are_dropped(daemon, runtime, busybox_rootfs):
+def test_idle_connections_to_the_trap_socket_cost_no_thread_and_are_dropped(isoboxd, runtime, busybox_rootfs):
     holder = pid_in(paths.HOLDER_PID)
     before = threads(holder)
     socks = connect_many(paths.TRAP_SOCKET, 3000)
@@ -444,7 +422,7 @@ def test_idle_connections_to_the_trap_socket_cost_no_thread_and_are_dropped(daem
     trap_answers(runtime, busybox_rootfs)          # and serving goes on after the flood
 
 
-def test_garbage_and_forged_messages_to_the_trap_socket_are_refused_without_harm(daemon, runtime, busybox_rootfs):
+def test_garbage_and_forged_messages_to_the_trap_socket_are_refused_without_harm(isoboxd, runtime, busybox_rootfs):
     cid, _ = start(runtime, busybox_rootfs)
     key = client.daemon_key(runtime.root, cid)
 
@@ -496,7 +474,7 @@ def test_garbage_and_forged_messages_to_the_trap_socket_are_refused_without_harm
     assert runtime("exec", cid, "true", timeout=30).returncode == 0
 
 
-def test_idle_connections_to_the_registration_socket_cost_no_thread_and_are_dropped(daemon):
+def test_idle_connections_to_the_registration_socket_cost_no_thread_and_are_dropped(isoboxd):
     server = pid_in(paths.SERVER_PID)
     before = threads(server)
     socks = connect_many(paths.SOCKET, 200)
@@ -524,7 +502,7 @@ def test_idle_connections_to_the_registration_socket_cost_no_thread_and_are_drop
     assert client.call({"op": "ping"})["ok"]
 
 
-def test_idle_connections_to_the_warm_socket_hold_few_processes_and_are_dropped(daemon):
+def test_idle_connections_to_the_warm_socket_hold_few_processes_and_are_dropped(isoboxd):
     holder = pid_in(paths.HOLDER_PID)
 
     def children(pid: int) -> list[int]:
@@ -551,7 +529,7 @@ def test_idle_connections_to_the_warm_socket_hold_few_processes_and_are_dropped(
     assert client.warm_worker_answers()
 
 
-def test_a_container_started_long_after_its_create_still_hands_its_listener_in(daemon, runtime, busybox_rootfs):
+def test_a_container_started_long_after_its_create_still_hands_its_listener_in(isoboxd, runtime, busybox_rootfs):
     """Short idle limits must not cost the legitimate client: an engine may start a container
     long after creating it (docker create; docker start), and its init hands the listener in
     only then, so it may not hold a connection open across the wait."""

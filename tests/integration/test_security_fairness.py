@@ -24,9 +24,8 @@ from dataclasses import dataclass
 import pytest
 
 from integration.test_isolation import privileged
-from probes import install
+from probes import rootfs_with
 
-from isobox.daemon import client
 
 THREADS = 200
 # flood calls allowed to complete during one victim call. FIFO: about THREADS. Fair: A's jobs
@@ -39,18 +38,9 @@ SLOWER_MAX, SLACK_MS = 10, 100
 CALLS = 10                  # victim calls per measurement (each took up to 2 s before the fix)
 
 
-@pytest.fixture
-def daemon():
-    client.ensure_running()
-    yield
-
-
 @pytest.fixture(scope="module")
 def fair_rootfs(tmp_path_factory) -> str:
-    from conftest import make_rootfs
-    root = make_rootfs(str(tmp_path_factory.mktemp("fair") / "rootfs"))
-    install(root, "fairness")
-    return root
+    return rootfs_with(tmp_path_factory, "fairness")
 
 
 @pytest.fixture
@@ -126,7 +116,7 @@ def stop_flood(pid: int) -> None:
 
 
 @pytest.mark.parametrize("flood_kind", ["chmod", "mount"])
-def test_a_flood_of_slow_calls_does_not_starve_another_container(daemon, runtime, fair_rootfs, shared,
+def test_a_flood_of_slow_calls_does_not_starve_another_container(isoboxd, runtime, fair_rootfs, shared,
                                                                    flood_kind):
     """B's proc mount and set-uid chmod while A floods with 200 threads of chmod (the pool's
     direct path) or of proc mounts (decided inline, then deferred to the pool)."""

@@ -15,25 +15,14 @@ import re
 import pytest
 
 from integration.test_isolation import privileged
-from probes import install
-
-from isobox.daemon import client
+from probes import rootfs_with
 
 HUNT_SECONDS = "6"
 
 
-@pytest.fixture
-def daemon():
-    client.ensure_running()
-    yield
-
-
 @pytest.fixture(scope="module")
 def hunt_rootfs(tmp_path_factory) -> str:
-    from conftest import make_rootfs
-    root = make_rootfs(str(tmp_path_factory.mktemp("hunt") / "rootfs"))
-    install(root, "ptrace_hunt")
-    return root
+    return rootfs_with(tmp_path_factory, "ptrace_hunt")
 
 
 def _hunt(runtime, rootfs: str, args: list[str], priv: bool, env: list[str] = ()) -> tuple[int, int, str]:
@@ -49,13 +38,13 @@ def _hunt(runtime, rootfs: str, args: list[str], priv: bool, env: list[str] = ()
     return int(m.group(1)), int(m.group(3)), out
 
 
-def test_privileged_root_cannot_trace_the_proc_mount_helper(daemon, runtime, hunt_rootfs):
+def test_privileged_root_cannot_trace_the_proc_mount_helper(isoboxd, runtime, hunt_rootfs):
     attached, triggers, out = _hunt(runtime, hunt_rootfs, ["proc"], priv=True)
     assert attached == 0, out
     assert triggers >= 10, out                  # the trapped mount really ran, many times
 
 
-def test_nested_userns_root_cannot_trace_or_start_the_helper(daemon, runtime, hunt_rootfs):
+def test_nested_userns_root_cannot_trace_or_start_the_helper(isoboxd, runtime, hunt_rootfs):
     """A non-privileged container: `unshare -U -r -m` gives a full CapEff in the nested user
     namespace, which does not own the container's pid namespace, so the kernel would refuse
     a proc mount; isoboxd must refuse it too, before any helper exists."""
@@ -131,7 +120,7 @@ def test_mount_helpers_are_sealed(decoy):
 
 # ---------------------------------------------------------------- capabilities, the kernel's way
 
-def test_nested_userns_root_gets_no_emulated_privilege(daemon, runtime, busybox_rootfs):
+def test_nested_userns_root_gets_no_emulated_privilege(isoboxd, runtime, busybox_rootfs):
     """In a privileged container, container root may have isoboxd make /dev/null, mount a new
     proc and set its own kernel.dmesg_restrict; the root of a user namespace nested in it (full CapEff)
     may do none of these (dmesg_restrict: CAP_SYS_ADMIN, emulated per container)."""

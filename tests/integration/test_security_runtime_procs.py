@@ -26,8 +26,8 @@ import time
 
 import pytest
 
-from conftest import RUNC, make_rootfs
-from probes import build, install
+from conftest import RUNC
+from probes import build, rootfs_with
 from test_isolation import privileged
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
@@ -43,9 +43,7 @@ PATHS = ("local", "warm")
 
 @pytest.fixture(scope="module")
 def reach_rootfs(tmp_path_factory) -> str:
-    rootfs = make_rootfs(str(tmp_path_factory.mktemp("reach") / "rootfs"))
-    install(rootfs, "runtime_reach")
-    return rootfs
+    return rootfs_with(tmp_path_factory, "runtime_reach")
 
 
 @pytest.fixture

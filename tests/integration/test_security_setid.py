@@ -13,40 +13,21 @@ import shutil
 import stat
 import subprocess
 import tarfile
-import tempfile
 
 import pytest
 
 from conftest import make_rootfs
 from integration.test_isolation import privileged
-from probes import build, install
-
-from isobox.daemon import client
+from probes import build, install, rootfs_with
 
 USER = 4242              # an unprivileged host user for running what was planted
-
-
-@pytest.fixture
-def daemon():
-    client.ensure_running()
-    yield
-
-
-@pytest.fixture
-def reachable(tmp_path):
-    """A host directory any host user can reach (/var/tmp is 1777, this one 0755)."""
-    d = tempfile.mkdtemp(prefix="isobox-reach-", dir="/var/tmp")
-    os.chmod(d, 0o755)
-    yield d
-    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def suid_rootfs(tmp_path_factory) -> str:
     """A rootfs no host user can reach (below pytest's 0700 base) holding /euid, a set-uid
     root copy of it (/lower/suid, as an image ships su or ping) and a tar of that file."""
-    root = make_rootfs(str(tmp_path_factory.mktemp("suid") / "rootfs"))
-    install(root, "euid")
+    root = rootfs_with(tmp_path_factory, "euid")
     os.makedirs(f"{root}/lower")
     shutil.copy2(build("euid"), f"{root}/lower/suid")
     os.chmod(f"{root}/lower/suid", 0o4755)
@@ -102,7 +83,7 @@ def test_euid_probe_would_show_a_planted_root_shell(suid_rootfs, reachable):
 
 # ---------------------------------------------------------------- finding 2: the container decides "/"
 
-def test_pivot_root_into_a_host_bind_cannot_plant(daemon, runtime, suid_rootfs, reachable):
+def test_pivot_root_into_a_host_bind_cannot_plant(isoboxd, runtime, suid_rootfs, reachable):
     script = ("unshare -m sh -c 'mkdir -p /tmp/nr && mount --bind /data /tmp/nr && cd /tmp/nr && mkdir -p old "
               "&& pivot_root . old && cp /old/euid /planted && chmod 4755 /planted; "
               "echo chmod-rc=$?; ls -l /planted'")
@@ -112,7 +93,7 @@ def test_pivot_root_into_a_host_bind_cannot_plant(daemon, runtime, suid_rootfs, 
     assert_no_root_from(os.path.join(reachable, "planted"))
 
 
-def test_chroot_and_nested_namespaces_cannot_plant(daemon, runtime, suid_rootfs, reachable):
+def test_chroot_and_nested_namespaces_cannot_plant(isoboxd, runtime, suid_rootfs, reachable):
     script = ("cp /euid /data/a /data/b /data/c 2>/dev/null; cp /euid /data/a; cp /euid /data/b; cp /euid /data/c; "
               "chroot /data /a >/dev/null 2>&1; "
               "chroot /data /bin/sh -c 'chmod 4755 /a' 2>/dev/null; "
@@ -124,7 +105,7 @@ def test_chroot_and_nested_namespaces_cannot_plant(daemon, runtime, suid_rootfs,
         assert_no_root_from(os.path.join(reachable, name))
 
 
-def test_tar_cp_link_and_rename_cannot_bring_a_setuid_file(daemon, runtime, suid_rootfs, reachable):
+def test_tar_cp_link_and_rename_cannot_bring_a_setuid_file(isoboxd, runtime, suid_rootfs, reachable):
     """The ways inner Docker and package tools carry set-id files: an archive extracted with
     its modes, cp -p, and moving an existing set-uid file (of the private rootfs) over."""
     script = ("mkdir -p /data/x && tar -xpf /suid.tar -C /data/x; echo tar-rc=$?; "
@@ -139,7 +120,7 @@ def test_tar_cp_link_and_rename_cannot_bring_a_setuid_file(daemon, runtime, suid
 
 # ---------------------------------------------------------------- finding 3: a rootfs host users reach
 
-def test_a_rootfs_host_users_reach_holds_no_setuid_file(daemon, runtime, reachable):
+def test_a_rootfs_host_users_reach_holds_no_setuid_file(isoboxd, runtime, reachable):
     root = make_rootfs(os.path.join(reachable, "rootfs"))
     install(root, "euid")
     out = _run(runtime, root, "cp /euid /planted && chmod 4755 /planted; echo chmod-rc=$?; "
@@ -149,7 +130,7 @@ def test_a_rootfs_host_users_reach_holds_no_setuid_file(daemon, runtime, reachab
     assert_no_root_from(os.path.join(root, "g"))
 
 
-def test_isobox_run_rootfs_dir_host_users_reach(daemon, reachable):
+def test_isobox_run_rootfs_dir_host_users_reach(isoboxd, reachable):
     root = make_rootfs(os.path.join(reachable, "rootfs"))
     install(root, "euid")
     r = subprocess.run(["/usr/local/bin/isobox", "run", "--privileged", "--rootfs", root, "sh", "-c",
@@ -159,7 +140,7 @@ def test_isobox_run_rootfs_dir_host_users_reach(daemon, reachable):
     assert_no_root_from(os.path.join(root, "planted"))
 
 
-def test_a_private_rootfs_keeps_setuid_files(daemon, runtime, suid_rootfs):
+def test_a_private_rootfs_keeps_setuid_files(isoboxd, runtime, suid_rootfs):
     """What must keep working: set-uid files in the container's own storage (package
     installs, inner Docker's image layers)."""
     out = _run(runtime, suid_rootfs, "cp /euid /tmp/own && chmod 4755 /tmp/own && stat -c %a /tmp/own; "
@@ -169,7 +150,7 @@ def test_a_private_rootfs_keeps_setuid_files(daemon, runtime, suid_rootfs):
 
 # ---------------------------------------------------------------- finding 4: overlay copy-up
 
-def test_overlay_upper_on_a_host_bind_is_refused(daemon, runtime, suid_rootfs, reachable):
+def test_overlay_upper_on_a_host_bind_is_refused(isoboxd, runtime, suid_rootfs, reachable):
     """lowerdir holds the image's set-uid root file; with the upper dir on the host bind, a
     touch would copy it up there with its mode. The mount itself is refused."""
     script = ("mkdir -p /data/u /data/w /tmp/m; "
@@ -180,7 +161,7 @@ def test_overlay_upper_on_a_host_bind_is_refused(daemon, runtime, suid_rootfs, r
     assert_no_root_from(os.path.join(reachable, "u", "suid"))
 
 
-def test_overlay_upper_on_a_host_bind_refused_through_every_path(daemon, runtime, suid_rootfs, reachable):
+def test_overlay_upper_on_a_host_bind_refused_through_every_path(isoboxd, runtime, suid_rootfs, reachable):
     """The same through a nested user and mount namespace, through a relative path and a
     symlink to the bind: what counts is the directory the upper path resolves to."""
     script = ("mkdir -p /data/u /data/w /tmp/m /tmp/m2; ln -s /data /tmp/lnk; cd /data; "
@@ -195,7 +176,7 @@ def test_overlay_upper_on_a_host_bind_refused_through_every_path(daemon, runtime
     assert_no_root_from(os.path.join(reachable, "u", "suid"))
 
 
-def test_overlay_on_the_containers_own_storage_works(daemon, runtime, suid_rootfs):
+def test_overlay_on_the_containers_own_storage_works(isoboxd, runtime, suid_rootfs):
     """Inner Docker's overlay2 and plain overlays inside keep working: upper on the rootfs."""
     script = ("mkdir -p /tmp/u /tmp/w /tmp/m && "
               "mount -t overlay overlay -o lowerdir=/lower,upperdir=/tmp/u,workdir=/tmp/w /tmp/m && "

@@ -11,20 +11,15 @@ import os
 
 import pytest
 
-from conftest import make_rootfs
 from integration.test_isolation import privileged
-from probes import install
-
-from isobox.daemon import client
+from probes import rootfs_with
 
 HOST_FILES = ("/proc/sys/kernel/core_pattern", "/proc/sys/kernel/modprobe", "/sys/kernel/uevent_helper")
 
 
 @pytest.fixture(scope="module")
 def vec_rootfs(tmp_path_factory) -> str:
-    root = make_rootfs(str(tmp_path_factory.mktemp("vectors") / "rootfs"))
-    install(root, "shocker")
-    return root
+    return rootfs_with(tmp_path_factory, "shocker")
 
 
 def _host(path: str) -> str:
@@ -56,8 +51,7 @@ echo "shocker|$(/shocker)"
 """
 
 
-def test_classic_escapes_fail_in_a_privileged_container(runtime, vec_rootfs):
-    client.ensure_running()
+def test_classic_escapes_fail_in_a_privileged_container(isoboxd, runtime, vec_rootfs):
     before = {p: _host(p) for p in HOST_FILES}
     host_name = os.uname().nodename
     r = runtime.run(runtime.bundle(vec_rootfs, ["sh", "-c", SCRIPT], edit=privileged), timeout=120)

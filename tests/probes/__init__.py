@@ -5,6 +5,7 @@ build(name) compiles with gcc into a cache keyed by the source's hash and return
 install(rootfs, name) copies it to /<name> in a rootfs. A missing gcc skips the test."""
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -18,8 +19,11 @@ CACHE = "/var/tmp/isobox-test-probes"
 
 def build(name: str) -> str:
     src = os.path.join(HERE, f"{name}.c")
-    with open(src, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    h = hashlib.sha256()
+    for part in [src] + sorted(glob.glob(os.path.join(HERE, "*.h"))):    # its local headers too
+        with open(part, "rb") as f:
+            h.update(f.read())
+    digest = h.hexdigest()[:16]
     out = os.path.join(CACHE, f"{name}-{digest}")
     if os.path.exists(out):
         return out
@@ -40,3 +44,12 @@ def install(rootfs: str, name: str, dest: str | None = None) -> str:
     shutil.copy2(build(name), rootfs + inside)
     os.chmod(rootfs + inside, 0o755)
     return inside
+
+
+def rootfs_with(tmp_path_factory, *names: str) -> str:
+    """A private busybox rootfs (below pytest's root-only base) with these probes at /<name>."""
+    from conftest import make_rootfs
+    root = make_rootfs(str(tmp_path_factory.mktemp("-".join(names) or "rootfs") / "rootfs"))
+    for name in names:
+        install(root, name)
+    return root
