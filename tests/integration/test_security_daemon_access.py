@@ -25,6 +25,7 @@ import pytest
 from integration.test_isolation import privileged
 
 from isobox.daemon import client, paths
+from isobox.fileio import private_dir
 from isobox.linux import syscalls as k
 
 USER = 4242
@@ -334,7 +335,7 @@ def test_files_naming_containers_are_root_only_whatever_the_umask_and_are_fixed_
         # the run directory made by an older version
         run = tmp_path / "run"
         run.mkdir(0o755)
-        paths.private_dir(str(run))
+        private_dir(str(run))
         assert mode(run) == 0o700
     finally:
         os.umask(old)

@@ -20,7 +20,7 @@ import time
 
 from isobox.daemon import paths
 from isobox.daemon.fdstore import FdStore
-from isobox.fileio import atomic_write, read_text
+from isobox.fileio import atomic_write, private_dir, read_text
 from isobox.linux import syscalls as k
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -118,7 +118,7 @@ def publish_code_path() -> None:
 
 
 def run() -> int:
-    paths.private_dir(paths.RUN_DIR)       # root's only, also when an older version made it 0755
+    private_dir(paths.RUN_DIR)       # root's only, also when an older version made it 0755
     lock = os.open(paths.LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

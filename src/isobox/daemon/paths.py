@@ -17,27 +17,6 @@ CODE_PATH = "/run/isobox/isoboxd.path"      # sys.path (JSON) new servers and wo
 CGROUP = "/isoboxd"                          # the daemon's own cgroup in every hierarchy
 
 
-def private_dir(path: str) -> None:
-    """Makes path a directory only root may enter (0700, whatever the umask), creating it or
-    tightening one an older version (or an os.makedirs of a subdirectory) left open: below
-    RUN_DIR are the database, the state of isobox-runc's default root and the FUSE mount,
-    which all name containers and their keys. Nothing legitimate enters it as another user:
-    container processes reach their nodes through binds, and the inits connect to the trap
-    socket while they are still host uid 0."""
-    import os
-    import stat
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(path)
-    if st.st_uid != 0:
-        os.chown(path, 0, 0)
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-
 # container path -> path below FS_ROOT/<key>; bound by the builder before the user namespace,
 # so the kernel locks them like every other initial mount
 FILES = ("/proc/meminfo", "/proc/cpuinfo", "/proc/stat", "/proc/uptime", "/proc/loadavg", "/proc/swaps",

@@ -22,7 +22,7 @@ from isobox.daemon.fs.filesystem import FRESH, Filesystem
 from isobox.daemon.fs.loop import Loop, init_reply
 from isobox.daemon.fdstore import recv_fd
 from isobox.daemon.store import Store
-from isobox.fileio import atomic_write, read_text
+from isobox.fileio import atomic_write, private_dir, read_text
 from isobox.ids.procinfo import proc_starttime
 from isobox.daemon.syscalls.notify import Notifier
 
@@ -157,7 +157,7 @@ class Server:
         from isobox.daemon.fdstore import bind_private
         while not self.orphan:
             try:
-                paths.private_dir(paths.RUN_DIR)    # a reload tightens an older installation in place
+                private_dir(paths.RUN_DIR)    # a reload tightens an older installation in place
                 listener = bind_private(paths.SOCKET, socket.SOCK_STREAM)
                 self.sock = ConnLoop(listener, _read_request, self._answer, name="registration socket",
                                      cap=REQUEST_CAP, idle=REQUEST_IDLE, workers=REQUEST_WORKERS)

@@ -6,11 +6,11 @@ using those ids for as long as a container has the file open or cached)."""
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import threading
 
 from isobox.daemon.fs.context import Container
+from isobox.fileio import root_only
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS containers (key TEXT PRIMARY KEY, idx INTEGER UNIQUE NOT NULL, doc TEXT NOT NULL);
@@ -19,27 +19,9 @@ CREATE TABLE IF NOT EXISTS paths (id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT N
 FIRST_PATH_ID = 2     # 1 is a container's own directory (path "")
 
 
-def root_only(path: str) -> None:
-    """Creates the database file 0600 (whatever the umask) before SQLite opens it, and tightens
-    one an older server left 0644 with its -wal and -shm: it holds every container's key, ID
-    range and init pid. SQLite gives the -wal and -shm it creates the database file's mode."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
-    try:
-        if os.fstat(fd).st_mode & 0o7777 != 0o600:
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for extra in (path + "-wal", path + "-shm"):
-        try:
-            if os.lstat(extra).st_mode & 0o077:
-                os.chmod(extra, 0o600)
-        except FileNotFoundError:
-            pass
-
-
 class Store:
     def __init__(self, path: str):
-        root_only(path)
+        root_only(path)             # every container's key, ID range and init pid
         self.db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")

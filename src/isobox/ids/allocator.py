@@ -16,6 +16,7 @@ import time
 import _sqlite3 as sqlite3
 
 from isobox.plain import Frozen
+from isobox.fileio import private_dir, root_only
 
 from .pool import RANGE_SIZE, PoolError, read_pool
 from .procinfo import proc_starttime
@@ -118,16 +119,6 @@ class _Txn:
             raise IdError(f"ID database {self.db_path}: {e}") from None
 
 
-def _root_only(fd: int, path: str) -> None:
-    """An ID database an older version left readable to others: 0600, with its -wal and -shm."""
-    os.fchmod(fd, 0o600)
-    for extra in (path + "-wal", path + "-shm", path + "-journal"):
-        try:
-            os.chmod(extra, 0o600)
-        except FileNotFoundError:
-            pass
-
-
 class Allocator:
     def __init__(self, db_path: str | None = None,
                  pool: tuple[int, int] | None = None) -> None:
@@ -138,17 +129,9 @@ class Allocator:
             if not os.path.isdir(parent):
                 os.makedirs(parent, exist_ok=True)
                 os.chmod(parent, 0o700)
-            elif parent == os.path.dirname(DEFAULT_DB) and os.stat(parent).st_mode & 0o077:
-                os.chmod(parent, 0o700)      # made 0755 by an older version, or by a makedirs of images/
-            # Pre-create the file 0600; SQLite gives its journal the same mode.
-            fd = os.open(self.db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                st = os.fstat(fd)
-                fresh = st.st_size == 0
-                if st.st_mode & 0o077:
-                    _root_only(fd, self.db_path)     # every container's id, state root and range
-            finally:
-                os.close(fd)
+            elif parent == os.path.dirname(DEFAULT_DB):
+                private_dir(parent)          # made 0755 by an older version, or by a makedirs of images/
+            fresh = root_only(self.db_path) == 0     # every container's id, state root and range
         except OSError as e:
             raise IdError(f"cannot create ID database {self.db_path}: {e.strerror}") from None
         if not fresh:
