@@ -16,7 +16,6 @@ LOG = "/run/isobox/isoboxd.log"
 CODE_PATH = "/run/isobox/isoboxd.path"      # sys.path (JSON) new servers and workers import from
 CGROUP = "/isoboxd"                          # the daemon's own cgroup in every hierarchy
 
-
 # container path -> path below FS_ROOT/<key>; bound by the builder before the user namespace,
 # so the kernel locks them like every other initial mount
 FILES = ("/proc/meminfo", "/proc/cpuinfo", "/proc/stat", "/proc/uptime", "/proc/loadavg", "/proc/swaps",
